@@ -1,0 +1,75 @@
+"""Shared test helpers: input factories and a verbose allclose."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from adpo_kernels import AdaptiveDPOConfig
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Machine epsilon-ish scale of each dtype, for dtype-aware tolerances.
+EPS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def make_inputs(B, S, dtype=torch.float32, K=0, shared_target=True, seed=0, device="cpu",
+                requires_grad=True, scale=0.05):
+    """Fresh random predictions near a target (like a trained denoiser), never zeros.
+
+    The policy, reference and annotators are the target plus small independent noise,
+    so that pair logits are O(scale^2) like real ones and the metric is non-trivial.
+    """
+    g = torch.Generator().manual_seed(seed)
+    shape = (2 * B,) + tuple(S)
+    tshape = ((B,) if shared_target else (2 * B,)) + tuple(S)
+    target = torch.randn(tshape, generator=g, dtype=torch.float64)
+    full_t = target.repeat((2,) + (1,) * len(S)) if shared_target else target
+
+    def near():
+        return full_t + scale * torch.randn(shape, generator=g, dtype=torch.float64) * (
+            1 + torch.rand((2 * B,) + (1,) * len(S), generator=g, dtype=torch.float64))
+
+    model = near().to(dtype).to(device).requires_grad_(requires_grad)
+    ref = near().to(dtype).to(device)
+    annots = [near().to(dtype).to(device) for _ in range(K)]
+    return model, ref, target.to(dtype).to(device), annots
+
+
+def assert_close(actual, expected, atol, rtol, name="tensor"):
+    """allclose that names the first mismatching index and the worst error."""
+    actual = torch.as_tensor(actual).detach().double().cpu()
+    expected = torch.as_tensor(expected).detach().double().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    both_nan = torch.isnan(actual) & torch.isnan(expected)
+    err = (actual - expected).abs()
+    bad = ~((err <= atol + rtol * expected.abs()) | both_nan)
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        worst = int(torch.where(both_nan, 0, err).flatten().argmax())
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements differ; first at {idx}: "
+            f"actual {actual[idx].item():.9g} vs expected {expected[idx].item():.9g}; "
+            f"max abs err {err.flatten()[worst].item():.3g} at flat index {worst} (atol {atol}, rtol {rtol})")
+
+
+def config_grid():
+    """The option combinations every backend is tested on (name, config, annotators_ready)."""
+    base = dict(beta=500.0, rho=50.0)
+    out = [("dpo", AdaptiveDPOConfig.dpo(500.0), True),
+           ("paper", AdaptiveDPOConfig.paper(), True),
+           ("warmup", AdaptiveDPOConfig(margin_type="linear", **base), False)]
+    for wt, mt in itertools.product(("linear", "quadratic", "sqrt", "exp"), (None, "linear", "quadratic")):
+        out.append((f"sigmoid-{wt}-{mt}", AdaptiveDPOConfig(weight_type=wt, margin_type=mt, **base), True))
+    for lt, mt in itertools.product(("ipo",), (None, "linear", "quadratic")):
+        out.append((f"ipo-{mt}", AdaptiveDPOConfig(loss_type=lt, margin_type=mt, **base), True))
+    for lt in ("hinge", "robust", "conservative"):
+        out.append((lt, AdaptiveDPOConfig(loss_type=lt, label_smoothing=0.1, **base), True))
+    out += [
+        ("lognorm", AdaptiveDPOConfig(logits_normalize=True, margin_type="quadratic", **base), True),
+        ("stdstd", AdaptiveDPOConfig(std_standardize=True, **base), True),
+        ("wnorm", AdaptiveDPOConfig(weight_normalize=True, **base), True),
+        ("all-opts", AdaptiveDPOConfig(logits_normalize=True, std_standardize=True, weight_normalize=True,
+                                       margin_type="linear", **base), True),
+        ("flip", AdaptiveDPOConfig(flip_ratio=0.3, flip_threshold=0.0, margin_type="linear", **base), True),
+    ]
+    return out
