@@ -9,7 +9,6 @@ lists every backend and why, like xformers' dispatcher.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -108,10 +107,20 @@ class FusedBackend(Backend):
                                  implicit_acc=acc.detach(), model_mse=mse[0], ref_mse=mse[1])
 
 
-@functools.lru_cache(maxsize=None)
+_LOADED: dict[str, tuple[str, ...]] = {}
+
+
 def _load_cached(name: str) -> tuple[str, ...]:
-    reason = BACKENDS[name].loader()
-    return (reason,) if reason else ()
+    if name not in _LOADED:
+        reason = BACKENDS[name].loader()
+        _LOADED[name] = (reason,) if reason else ()
+    return _LOADED[name]
+
+
+# torch.compile(fullgraph=True) must not trace the loader (importlib is not traceable):
+# treat its result as a constant.  This is what torch.compiler.assume_constant_result sets;
+# calling that would import torch._dynamo here, which takes seconds.
+_load_cached._dynamo_marked_constant = True
 
 
 def _load(b: FusedBackend) -> list[str]:
