@@ -1,0 +1,355 @@
+"""The Triton backend against the float64 torch reference.
+
+On a machine without a GPU the kernels run in the Triton interpreter on CPU tensors
+(tests/conftest.py sets TRITON_INTERPRET=1); each program costs milliseconds there, so the
+shapes are small, chosen so that rows split into several chunks with a ragged last
+block.  With a GPU the same checks also run natively (``test_cuda_*``).
+
+Tolerance: the fused result may be at most twice as far from the float64 reference
+(run on the same, already rounded, inputs) as the torch reference run in the input
+dtype is, plus a few fp32 ulps of the quantity's magnitude (plus one ulp of the input
+dtype for the gradient, which is rounded to it).
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import adpo_kernels as ak
+from adpo_kernels import AdaptiveDPOConfig
+from adpo_kernels.dispatch import BACKENDS
+
+from .utils import DTYPES, assert_close, config_grid, make_inputs
+
+GRID = config_grid()
+GRID_IDS = [g[0] for g in GRID]
+FIELDS = ("loss", "logits", "metric", "weights", "margin", "implicit_acc", "model_mse", "ref_mse")
+FP32_EPS = 2.0 ** -23
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (the interpreter tests cover the CPU)")
+
+triton_reasons = BACKENDS["triton"].unavailable()
+pytestmark = pytest.mark.skipif(bool(triton_reasons), reason=f"triton backend unusable: {triton_reasons}")
+
+
+def _run(backend, model, ref, target, annots, cfg, ready):
+    model = model.detach().clone().requires_grad_(True)
+    out = ak.adaptive_dpo_loss(model, ref, target, annots, cfg, ready, backend=backend)
+    out.loss.backward()
+    return out, model.grad
+
+
+def compare(cfg, ready, B, S, dtype, K, shared, seed=0, device="cpu"):
+    """Triton vs float64 reference, with the same-dtype torch reference as the yardstick."""
+    model, ref, target, annots = make_inputs(B, S, dtype, K=K, shared_target=shared, seed=seed, device=device)
+    out_t, grad_t = _run("triton", model, ref, target, annots, cfg, ready)
+    out_s, grad_s = _run("torch", model, ref, target, annots, cfg, ready)
+    out_d, grad_d = _run("torch", model.double(), ref.double(), target.double(),
+                         [a.double() for a in annots], cfg, ready)
+    pairs = [(f, getattr(out_t, f), getattr(out_s, f), getattr(out_d, f)) for f in FIELDS]
+    pairs.append(("grad", grad_t, grad_s, grad_d))
+    for name, t, s, d in pairs:
+        assert t.dtype == (dtype if name == "grad" else torch.float32), f"{name}: dtype {t.dtype}"
+        assert t.device == model.device, f"{name}: device {t.device}"
+        d = d.double().cpu()
+        err_s = (s.double().cpu() - d).abs().max().item()
+        atol = 2 * err_s + 8 * FP32_EPS * d.abs().max().item() + 1e-30
+        # the gradient is rounded to the input dtype: the fused value may round to the other
+        # neighbour than torch's, one ulp (finfo.eps relative) away
+        rtol = torch.finfo(dtype).eps if name == "grad" else 0.0
+        assert_close(t, d, atol=atol, rtol=rtol, name=f"{name} ({dtype}, K={K}, B={B}, S={S})")
+    return out_t
+
+
+# -- every option combination -----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,cfg,ready", GRID, ids=GRID_IDS)
+def test_config_grid(name, cfg, ready, dtype):
+    """B = 10 so that flipping flips some pairs; shared target; K = 2."""
+    compare(cfg, ready, B=10, S=(3, 7), dtype=dtype, K=2, shared=True, seed=1)
+
+
+@pytest.mark.parametrize("K", [0, 1, 3])
+@pytest.mark.parametrize("name,cfg,ready", GRID, ids=GRID_IDS)
+def test_config_grid_annotators(name, cfg, ready, K):
+    """Every option with 0, 1 and 3 annotators; full (per-row) target; B not a power of two."""
+    compare(cfg, ready, B=6, S=(11,), dtype=torch.float32, K=K, shared=False, seed=2 + K)
+
+
+# -- awkward shapes ------------------------------------------------------------------------
+
+# N: 1, odd, prime below one interpreter block (256), exactly one block, prime above one
+# chunk (512: two chunks), three chunks with a ragged tail.
+SHAPES = [(1, (1,)), (3, (7,)), (5, (97,)), (2, (16, 16)), (3, (521,)), (1, (1031,)), (7, (3, 5, 7))]
+SHAPE_CASES = [(B, S, shared, DTYPES[i % 3], i % 4)
+               for i, ((B, S), shared) in enumerate(itertools.product(SHAPES, (True, False)))]
+
+
+@pytest.mark.parametrize("B,S,shared,dtype,K", SHAPE_CASES,
+                         ids=[f"B{c[0]}-N{torch.Size(c[1]).numel()}-{'shared' if c[2] else 'full'}-"
+                              f"{str(c[3])[6:]}-K{c[4]}" for c in SHAPE_CASES])
+def test_awkward_shapes(B, S, shared, dtype, K):
+    cfg = AdaptiveDPOConfig(beta=300.0, rho=40.0, margin_type="quadratic", logits_normalize=True,
+                            std_standardize=True, flip_ratio=0.5, flip_threshold=0.0)
+    out = compare(cfg, True, B=B, S=S, dtype=dtype, K=K, shared=shared, seed=B + K)
+    assert out.logits.shape == (B,) and out.model_mse.shape == (2 * B,)
+
+
+def test_many_annotators():
+    """K = 7 needs two reduction launches (six predictions per launch)."""
+    cfg = AdaptiveDPOConfig(beta=300.0, rho=40.0, logits_normalize=True, weight_normalize=True)
+    compare(cfg, True, B=3, S=(600,), dtype=torch.bfloat16, K=7, shared=True, seed=7)
+
+
+def test_strided_and_stacked_inputs():
+    """Non-contiguous model_pred, annotators as one (K, 2B, *S) tensor."""
+    cfg = AdaptiveDPOConfig.paper()
+    model, ref, target, annots = make_inputs(4, (6, 10), torch.float32, K=2, seed=11)
+    stacked = torch.stack(annots)
+    m_nc = model.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    assert not m_nc.is_contiguous()
+    out_t = ak.adaptive_dpo_loss(m_nc, ref, target, stacked, cfg, backend="triton")
+    out_t.loss.backward()
+    out_d, grad_d = _run("torch", model.double(), ref.double(), target.double(),
+                         [a.double() for a in annots], cfg, True)
+    assert_close(out_t.loss, out_d.loss, 1e-6, 1e-5, "loss")
+    assert_close(out_t.metric, out_d.metric, 1e-6, 1e-5, "metric")
+    assert_close(m_nc.grad, grad_d, 1e-7, 1e-5, "grad")
+
+
+# -- the scalar stage alone: large batches, sync_stats slices --------------------------------
+
+def _mse_of(model, ref, target, annots):
+    """(2 + K, 2, B) float32 MSEs computed by torch (the scalar stage's input)."""
+    rows = model.shape[0]
+    mse = torch.stack([ak.reference.row_mse(p.double(), target.double()) for p in [model, ref, *annots]])
+    return mse.float().view(len(annots) + 2, 2, rows // 2)
+
+
+def _pairs(mse, offset, num_pairs, cfg, ready, model, target):
+    f, i = cfg.op_params(ready)
+    return torch.ops.adpo.triton_pairs(mse, model.reshape(model.shape[0], -1),
+                                       target.reshape(target.shape[0], -1), offset, num_pairs, f, i)
+
+
+@pytest.mark.parametrize("name", ["flip", "all-opts", "ipo-quadratic"])
+def test_pairs_large_batch(name):
+    """B = 3000 pairs (several blocks of the one-program scalar stage), flip quantile exact."""
+    cfg, ready = next((c, r) for n, c, r in GRID if n == name)
+    B, K = 3000, 2
+    model, ref, target, annots = make_inputs(B, (2,), torch.float64, K=K, seed=5, requires_grad=False)
+    mse = _mse_of(model, ref, target, annots)
+    # the float64 reference on inputs whose MSEs are exactly the float32 ones given to the kernel
+    d = _mse_rows_as_inputs(mse)
+    exp = ak.adaptive_dpo_loss(*d, config=cfg, annotators_ready=ready, backend="torch")
+    loss, logits, metric, weights, margin, acc, g = _pairs(mse, 0, B, cfg, ready, d[0], d[2])
+    scale = lambda x: 8 * FP32_EPS * x.abs().max().item() + 1e-30  # noqa: E731
+    for field, got in [("logits", logits), ("metric", metric), ("weights", weights), ("margin", margin)]:
+        want = getattr(exp, field)
+        assert_close(got, want, 4 * scale(want), 1e-4, field)
+    assert_close(loss, exp.loss, 0.0, 1e-5, "loss")
+    assert_close(acc, exp.implicit_acc, 1e-6, 0.0, "implicit_acc")
+    if name == "flip":
+        flipped = (metric > torch.clamp(torch.sort(metric).values[int(B * 0.7)], min=0.0))
+        assert 0 < int(flipped.sum()) < B
+
+
+def _mse_rows_as_inputs(mse):
+    """float64 (model, ref, target, annots) with N = 1 whose row MSEs equal ``mse``."""
+    P, _, B = mse.shape
+    rows = mse.double().reshape(P, 2 * B).sqrt()
+    target = torch.zeros(2 * B, 1, dtype=torch.float64)
+    preds = [rows[p].reshape(2 * B, 1) for p in range(P)]
+    return preds[0].clone().requires_grad_(True), preds[1], target, preds[2:]
+
+
+def test_pairs_sync_stats_slices():
+    """Two simulated processes: each owns a slice, statistics over the gathered batch."""
+    cfg = AdaptiveDPOConfig(beta=400.0, rho=30.0, logits_normalize=True, weight_normalize=True,
+                            margin_type="linear", flip_ratio=0.25, flip_threshold=0.0)
+    B, K = 9, 2
+    model, ref, target, annots = make_inputs(B, (5,), torch.float32, K=K, seed=8)
+    mse = _mse_of(model, ref, target, annots)
+    full = _pairs(mse, 0, B, cfg, True, model, target)
+    parts = [_pairs(mse, 0, 4, cfg, True, model, target), _pairs(mse, 4, 5, cfg, True, model, target)]
+    for k in (1, 2, 3, 4):  # logits, metric, weights, margin: the slices of the whole
+        assert torch.equal(torch.cat([parts[0][k], parts[1][k]]), full[k])
+    # loss / acc are local means, g carries 1 / num_pairs
+    assert_close(parts[0][0] * 4 + parts[1][0] * 5, full[0] * B, 1e-6, 1e-5, "loss")
+    assert_close(torch.cat([parts[0][6] * 4, parts[1][6] * 5]), full[6] * B, 1e-9, 1e-5, "g")
+
+
+# -- determinism, poisoned outputs, op checks ---------------------------------------------
+
+def _everything(model, ref, target, annots, cfg):
+    out, grad = _run("triton", model, ref, target, annots, cfg, True)
+    return [getattr(out, f) for f in FIELDS] + [grad]
+
+
+def test_bitwise_deterministic():
+    cfg = AdaptiveDPOConfig(beta=300.0, rho=40.0, logits_normalize=True, flip_ratio=0.3, flip_threshold=0.0)
+    inputs = make_inputs(5, (1031,), torch.bfloat16, K=3, seed=9)
+    a, b = _everything(*inputs, cfg), _everything(*inputs, cfg)
+    for name, x, y in zip(FIELDS + ("grad",), a, b):
+        assert torch.equal(x, y), f"{name} differs between two identical runs"
+
+
+def test_poisoned_outputs_are_overwritten(monkeypatch):
+    from adpo_kernels.triton import _common
+
+    cfg = AdaptiveDPOConfig.paper(flip_ratio=0.3, flip_threshold=0.0)
+    inputs = make_inputs(5, (600,), torch.float16, K=2, seed=10)
+    clean = _everything(*inputs, cfg)
+    real_alloc = _common.alloc
+    monkeypatch.setattr(_common, "alloc", lambda *a: real_alloc(*a).fill_(float("nan")))
+    poisoned = _everything(*inputs, cfg)
+    for name, x, y in zip(FIELDS + ("grad",), clean, poisoned):
+        assert torch.isfinite(y).all(), f"{name}: NaN left from the poisoned buffer"
+        assert torch.equal(x, y), f"{name}: differs after poisoning"
+
+
+def _op_samples(dtype=torch.float32, device="cpu"):
+    model, ref, target, annots = make_inputs(3, (300,), dtype, K=2, seed=12, device=device)
+    m2, r2, t2 = model.detach().reshape(6, -1), ref.reshape(6, -1), target.reshape(3, -1)
+    a2 = [a.reshape(6, -1) for a in annots]
+    mse = torch.ops.adpo.triton_mse(m2, r2, t2, a2)
+    f, i = AdaptiveDPOConfig.paper(flip_ratio=0.3).op_params(True)
+    g = torch.randn(3, device=device)
+    return [
+        (torch.ops.adpo.triton_mse.default, (m2, r2, t2, a2)),
+        (torch.ops.adpo.triton_mse.default, (m2, r2, t2, [])),
+        (torch.ops.adpo.triton_pairs.default,
+         (mse.view(4, 2, 3), m2.clone().requires_grad_(True), t2, 0, 3, f, i)),
+        (torch.ops.adpo.triton_pairs.default, (mse.view(4, 2, 3), m2, t2, 1, 2, f, i)),
+        (torch.ops.adpo.triton_pairs_bwd.default, (torch.tensor(1.5, device=device), g, m2, t2)),
+    ]
+
+
+@pytest.mark.parametrize("idx", range(5))
+def test_opcheck(idx):
+    op, args = _op_samples()[idx]
+    torch.library.opcheck(op, args)
+
+
+def test_op_argument_errors():
+    m, r, t = torch.randn(4, 8), torch.randn(4, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match="target"):
+        torch.ops.adpo.triton_mse(m, r, t, [])
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        torch.ops.adpo.triton_mse(m.double(), r.double(), t[:2].double(), [])
+    mse = torch.ops.adpo.triton_mse(m, r, t[:2], []).view(2, 2, 2)
+    f, i = AdaptiveDPOConfig().op_params(True)
+    with pytest.raises(ValueError, match="local pairs"):
+        torch.ops.adpo.triton_pairs(mse, m, t[:2], 1, 2, f, i)
+
+
+def test_pair_logits_and_public_api():
+    model, ref, target, _ = make_inputs(4, (33,), torch.float16, seed=13)
+    z = ak.pair_logits(model, ref, target, backend="triton")
+    z_ref = ak.pair_logits(model.double(), ref.double(), target.double(), backend="torch")
+    assert z.dtype == torch.float32
+    assert_close(z, z_ref, 1e-6, 1e-4, "pair_logits")
+    out = ak.AdaptiveDPOLoss(beta=200.0, backend="triton")(model, ref, target)
+    assert torch.isfinite(out.loss)
+    with pytest.raises(NotImplementedError, match="dtype"):
+        ak.adaptive_dpo_loss(model.double(), ref.double(), target.double(), backend="triton")
+
+
+def test_compile_fullgraph_interpreter():
+    """torch.compile(fullgraph=True) sees the ops as opaque nodes (fake impls, autograd)."""
+    torch._dynamo.reset()
+    cfg = AdaptiveDPOConfig.paper()
+    _compile_step_check(cfg, device="cpu")
+
+
+def _compile_step_check(cfg, device):
+    model, ref, target, annots = make_inputs(3, (4, 5), torch.float32, K=2, seed=14, device=device)
+    lin = torch.nn.Linear(5, 5, device=device)
+    x = model.detach()
+
+    def step(x, ref, target, annots):
+        out = ak.adaptive_dpo_loss(lin(x), ref, target, annots, cfg, backend="triton")
+        return out.loss, out.metric
+
+    compiled = torch.compile(step, fullgraph=True)
+    losses, grads = [], []
+    for fn in (compiled, step):
+        lin.zero_grad(set_to_none=True)
+        loss, metric = fn(x, ref, target, annots)
+        loss.backward()
+        losses.append((loss.detach(), metric))
+        grads.append(lin.weight.grad.clone())
+    assert_close(losses[0][0], losses[1][0], 1e-6, 1e-5, "compiled loss")
+    assert_close(losses[0][1], losses[1][1], 1e-6, 1e-5, "compiled metric")
+    assert_close(grads[0], grads[1], 1e-6, 1e-5, "compiled grad")
+
+
+# -- on a GPU ---------------------------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,cfg,ready", GRID, ids=GRID_IDS)
+def test_cuda_config_grid(name, cfg, ready, dtype):
+    compare(cfg, ready, B=10, S=(4, 33, 17), dtype=dtype, K=2, shared=True, seed=1, device="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("B,S,shared,dtype,K", SHAPE_CASES + [(16, (4, 64, 64), True, torch.bfloat16, 2),
+                                                             (3, (70001,), False, torch.float16, 3)])
+def test_cuda_shapes(B, S, shared, dtype, K):
+    cfg = AdaptiveDPOConfig(beta=300.0, rho=40.0, margin_type="quadratic", logits_normalize=True,
+                            std_standardize=True, flip_ratio=0.5, flip_threshold=0.0)
+    compare(cfg, True, B=B, S=S, dtype=dtype, K=K, shared=shared, seed=B + K, device="cuda")
+
+
+@needs_cuda
+def test_cuda_deterministic_and_large_batch():
+    cfg = AdaptiveDPOConfig.paper(flip_ratio=0.2, flip_threshold=0.0, std_standardize=True, weight_normalize=True)
+    inputs = make_inputs(32, (4, 128, 128), torch.bfloat16, K=2, seed=15, device="cuda")
+    a, b = _everything(*inputs, cfg), _everything(*inputs, cfg)
+    for name, x, y in zip(FIELDS + ("grad",), a, b):
+        assert torch.equal(x, y), f"{name} differs between two identical runs"
+    compare(cfg, True, B=4000, S=(8,), dtype=torch.float32, K=3, shared=True, seed=16, device="cuda")
+
+
+@needs_cuda
+def test_cuda_compile_fullgraph():
+    torch._dynamo.reset()
+    _compile_step_check(AdaptiveDPOConfig.paper(flip_ratio=0.3, flip_threshold=0.0), device="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("idx", range(5))
+def test_cuda_opcheck(idx):
+    op, args = _op_samples(device="cuda")[idx]
+    torch.library.opcheck(op, args)
+
+
+@needs_cuda
+def test_cuda_64bit_offsets():
+    """More than 2^31 elements per tensor: rows at offsets beyond int32."""
+    need = 3 * 2 ** 31 * 2 + 2 ** 31 * 2  # model, ref, grad (bf16) + target, with headroom below
+    if torch.cuda.get_device_properties(0).total_memory < need + (8 << 30):
+        pytest.skip("needs about 24 GB of GPU memory")
+    B, N = 1, 2 ** 30 + 17  # 2B * N > 2^31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    target = torch.randn(B, N, device="cuda", generator=g, dtype=torch.bfloat16)
+    model = (target.repeat(2, 1) + 0.05 * torch.randn(2 * B, N, device="cuda", generator=g,
+                                                       dtype=torch.bfloat16)).requires_grad_(True)
+    ref = target.repeat(2, 1) + 0.05 * torch.randn(2 * B, N, device="cuda", generator=g, dtype=torch.bfloat16)
+    out = ak.adaptive_dpo_loss(model, ref, target, config=AdaptiveDPOConfig.dpo(100.0), backend="triton")
+    out.loss.backward()
+    # rows checked one at a time in float64 chunks (no full-size float64 copies)
+    for name, x in (("model", model.detach()), ("ref", ref)):
+        exp = torch.stack([sum(((x[r, s:s + 2 ** 28].double() - target[0, s:s + 2 ** 28].double()) ** 2).sum()
+                               for s in range(0, N, 2 ** 28)) / N for r in range(2 * B)])
+        got = out.model_mse if name == "model" else out.ref_mse
+        assert_close(got, exp, 0.0, 1e-5, f"{name}_mse")
+    z = (out.ref_mse[0] - out.ref_mse[1]) - (out.model_mse[0] - out.model_mse[1])
+    g0 = -100.0 * torch.sigmoid(-100.0 * z)  # d loss / d z for B = 1
+    tail = slice(N - 1000, N)
+    exp_tail = (g0 * (2.0 / N) * (model.detach()[1, tail].float() - target[0, tail].float())).to(torch.bfloat16)
+    assert_close(model.grad[1, tail], exp_tail, 1e-12, 1e-2, "grad tail of the last row")
