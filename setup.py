@@ -92,7 +92,7 @@ def _nvidia_include_dirs():
     dirs = []
     for base in getattr(nvidia, "__path__", []):
         for inc in sorted(glob.glob(os.path.join(base, "*", "include"))):
-            if os.path.basename(os.path.dirname(inc)).startswith("cu") or os.path.exists(
+            if re.fullmatch(r"cu\d+", os.path.basename(os.path.dirname(inc))) or os.path.exists(
                     os.path.join(inc, "cublas_v2.h")):
                 dirs.append(inc)
     return dirs
