@@ -1,0 +1,113 @@
+"""``adpo-train cache``: precompute VAE latents of both images and the text embeddings.
+
+Output folder: ``shard-NNNNN.safetensors`` files with ``latents`` ``(n, 2, C, h, w)``
+(winner, loser; already multiplied by the VAE scaling factor), ``text`` ``(n, L, D)``
+(last hidden state of the text encoder), ``flipped`` ``(n,)`` and ``row`` ``(n,)`` (row
+in the source table), plus ``index.json`` (shards, counts of ties and corrupt pairs,
+the flip record, the model, the resolution).  The folder is written under a temporary
+name and renamed when complete.  Training from the cache never runs the VAE or the
+text encoder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import torch
+
+from .data import CACHE_INDEX, PickAPicPairs, decode_image, tokenize
+
+
+@torch.no_grad()
+def encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
+    return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``(n, 2, 3, R, R)`` pixels -> ``(n, 2, C, h, w)`` scaled latent samples."""
+    n = pixels.shape[0]
+    flat = pixels.reshape(n * 2, *pixels.shape[2:]).to(vae.device, vae.dtype)
+    lat = vae.encode(flat).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+    return lat.reshape(n, 2, *lat.shape[1:])
+
+
+def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str = "train", resolution: int = 512,
+                batch_size: int = 8, shard_size: int = 1024, flip_ratio: float = 0.0, flip_seed: int = 0,
+                max_pairs=None, seed: int = 0, dtype: str = "float32", device: str | None = None,
+                variant=None, log=print) -> dict:
+    from safetensors.torch import save_file
+
+    from .models import load_encoders
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    store_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    vae, text_encoder, tokenizer = load_encoders(model_path, variant)
+    vae.to(device)
+    text_encoder.to(device)
+    pairs = PickAPicPairs(dataset_path, split, flip_ratio, flip_seed, max_pairs)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    shards, buf, num_corrupt, t0 = [], [], 0, time.time()
+    kept_rows, kept_flipped = [], []
+
+    def flush_buffer():
+        pix = torch.stack([b[0] for b in buf])
+        ids = torch.stack([b[1] for b in buf])
+        return encode_images(vae, pix, gen).to(store_dtype).cpu(), encode_text(text_encoder, ids).to(store_dtype).cpu()
+
+    lat_acc, txt_acc, meta_acc = [], [], []
+
+    def write_shard():
+        if not lat_acc:
+            return
+        name = f"shard-{len(shards):05d}.safetensors"
+        fl = torch.tensor([m[1] for m in meta_acc], dtype=torch.uint8)
+        rows = torch.tensor([m[0] for m in meta_acc], dtype=torch.int64)
+        save_file({"latents": torch.cat(lat_acc).contiguous(), "text": torch.cat(txt_acc).contiguous(),
+                   "flipped": fl, "row": rows}, os.path.join(tmp, name))
+        shards.append({"file": name, "num_pairs": len(meta_acc)})
+        lat_acc.clear(), txt_acc.clear(), meta_acc.clear()
+
+    for i in range(len(pairs)):
+        r = pairs.raw(i)
+        w, l = decode_image(r["winner"], resolution), decode_image(r["loser"], resolution)
+        if w is None or l is None:
+            num_corrupt += 1
+            continue
+        buf.append((torch.stack([w, l]), tokenize(tokenizer, [r["caption"]])[0], r["row"], r["flipped"]))
+        if len(buf) == batch_size or i == len(pairs) - 1:
+            lat, txt = flush_buffer()
+            lat_acc.append(lat), txt_acc.append(txt)
+            meta_acc.extend((b[2], b[3]) for b in buf)
+            kept_rows.extend(b[2] for b in buf), kept_flipped.extend(b[3] for b in buf)
+            buf.clear()
+            if sum(len(x) for x in lat_acc) >= shard_size:
+                write_shard()
+    if buf:
+        lat, txt = flush_buffer()
+        lat_acc.append(lat), txt_acc.append(txt)
+        meta_acc.extend((b[2], b[3]) for b in buf)
+        kept_rows.extend(b[2] for b in buf), kept_flipped.extend(b[3] for b in buf)
+    write_shard()
+    meta = {"format": "adpo-train latent cache v1", "model": os.path.abspath(model_path),
+            "dataset": os.path.abspath(dataset_path), "split": split, "resolution": resolution,
+            "scaling_factor": float(vae.config.scaling_factor), "dtype": dtype, "seed": seed,
+            "num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": num_corrupt,
+            "num_pairs": sum(s["num_pairs"] for s in shards), "shards": shards,
+            "flip_ratio": flip_ratio, "flip_seed": flip_seed,
+            "flipped_pairs": [k for k, f in enumerate(kept_flipped) if f],
+            "flipped_rows": [r for r, f in zip(kept_rows, kept_flipped) if f]}
+    with open(os.path.join(tmp, CACHE_INDEX), "w") as f:
+        json.dump(meta, f)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    log(f"cache: {meta['num_pairs']} pairs in {len(shards)} shard(s) at {out_dir} "
+        f"({pairs.num_ties} ties dropped, {num_corrupt} corrupt pairs skipped, "
+        f"{len(meta['flipped_pairs'])} flipped) in {time.time() - t0:.1f}s")
+    return meta

@@ -1,0 +1,101 @@
+"""Atomic checkpoints: ``checkpoint-<step>`` folders that exist only when complete.
+
+A checkpoint is written into ``.tmp-checkpoint-<step>`` (accelerate ``save_state``:
+LoRA weights through a save hook as safetensors, optimizer, LR scheduler, grad scaler,
+global RNG states; then the EMA annotators, the noise generator and the metric buffers
+as safetensors, and ``trainer_state.json`` with the exact data position, written
+last), then renamed.  ``latest`` only considers complete ``checkpoint-<step>`` folders
+that hold ``trainer_state.json``; a crash mid-write leaves a ``.tmp-`` folder that is
+ignored and removed by the next save.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Callable, Optional
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in ``output_dir`` as ``(step, path)``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = _NAME.match(name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def resolve(output_dir: str, spec: Optional[str]) -> Optional[str]:
+    """``--resume_from_checkpoint``: ``latest`` (None if there is none yet) or a path / folder name."""
+    if not spec:
+        return None
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = spec if os.path.isdir(spec) else os.path.join(output_dir, spec)
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise FileNotFoundError(f"--resume_from_checkpoint: {spec!r} is not a complete checkpoint")
+    return path
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def begin(output_dir: str, step: int) -> str:
+    """Remove leftovers of interrupted saves and create the temporary folder of checkpoint ``step``."""
+    for name in os.listdir(output_dir):
+        if name.startswith(".tmp-checkpoint-"):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    os.makedirs(tmp)
+    return tmp
+
+
+def finish(output_dir: str, step: int, state: dict, total_limit: Optional[int] = None) -> str:
+    """Write ``trainer_state.json`` last, rename the folder into place, prune old checkpoints."""
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    with open(os.path.join(tmp, STATE_FILE + ".part"), "w") as f:
+        json.dump(state, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(tmp, STATE_FILE + ".part"), os.path.join(tmp, STATE_FILE))
+    _fsync_dir(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(output_dir)
+    if total_limit is not None and total_limit > 0:
+        for _, path in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def save_atomic(output_dir: str, step: int, write: Callable[[str], dict], total_limit: Optional[int] = None) -> str:
+    """Write checkpoint ``step`` in one process: ``write(tmp_dir)`` fills the folder, returns the trainer state."""
+    tmp = begin(output_dir, step)
+    state = write(tmp)
+    return finish(output_dir, step, state, total_limit)
+
+
+def read_state(path: str) -> dict:
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)

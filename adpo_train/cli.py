@@ -1,0 +1,261 @@
+"""Command line: ``adpo-train [train] [flags]``, ``adpo-train cache ...``,
+``adpo-train make-toy DIR`` and ``adpo-train experiment label-flip ...``.
+
+Flags keep the names of diffusers' ``examples/research_projects/diffusion_dpo/
+train_diffusion_dpo.py`` where they overlap, so a user of that script can switch by
+changing the program name.  Beta convention: ``--beta_dpo`` means what it means in
+that script (``loss = -log sigmoid(-0.5 * beta_dpo * (model_diff - ref_diff))``), i.e.
+this package's ``beta = beta_dpo / 2``; ``--beta`` sets this package's beta directly,
+which is what the Adaptive-DPO reference script calls ``beta_dpo``.  Both default to the
+same loss (``beta = 2500``).
+
+Options left unset are filled in layers: explicit flag > ``--preset`` > toy defaults
+(when no model is given) > general defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+# General defaults (diffusers' script's where it has one; loss options come from AdaptiveDPOConfig).
+DEFAULTS = dict(
+    dataset_split_name="train", resolution=512, train_batch_size=4, gradient_accumulation_steps=1,
+    max_train_steps=None, num_train_epochs=1, learning_rate=1e-5, lr_scheduler="constant", lr_warmup_steps=0,
+    adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0,
+    rank=8, lora_alpha=None, lora_target_modules="to_q,to_k,to_v,to_out.0", lora_init="gaussian",
+    mixed_precision="no", gradient_checkpointing=False, checkpointing_steps=500, checkpoints_total_limit=None,
+    output_dir="outputs/adpo-train", seed=0, report_to="tensorboard", logging_steps=10,
+    ema_decays=[0.9999, 0.5], ema_warmup_steps=2, flip_ratio=0.0, flip_seed=0,
+)
+# The built-in toy (no --pretrained_model_name_or_path): ~1-2 minutes on a 2-core CPU.
+TOY_DEFAULTS = dict(
+    resolution=32, train_batch_size=8, max_train_steps=150, learning_rate=1e-3, rank=4,
+    checkpointing_steps=75, checkpoints_total_limit=1, output_dir="outputs/adpo-toy", logging_steps=5,
+    flip_ratio=0.2, report_to="jsonl", ema_decays=[0.99, 0.5], cpu_threads=1,
+)
+# The toy's loss: the paper's metric settings with a beta fitted to the toy's logit scale.
+TOY_LOSS = dict(beta=500.0, rho=15.0, logits_normalize=True, margin_type="quadratic")
+# The paper's SD1.5 run (spec section 9): trainer-side values; loss values come from AdaptiveDPOConfig.paper().
+PAPER_TRAINER = dict(
+    rank=8, lora_alpha=8, lora_init="gaussian", learning_rate=1e-5, lr_scheduler="constant",
+    adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0,
+    ema_decays=[0.9999, 0.5], ema_warmup_steps=2, train_batch_size=16, gradient_accumulation_steps=2,
+    gradient_checkpointing=True, lora_target_modules="to_q,to_k,to_v,to_out.0",
+)
+PAPER_TRAINER_REAL_MODEL = dict(resolution=512)
+PAPER_TRAINER_CUDA = dict(mixed_precision="fp16")
+LOSS_FIELDS = ("beta", "adaptive", "rho", "weight_type", "tau", "intercept", "margin_type", "loss_type",
+               "beta_ipo", "label_smoothing", "logits_normalize", "std_standardize", "weight_normalize",
+               "flip_ratio", "flip_threshold", "sync_stats")
+# CLI name of each AdaptiveDPOConfig field where it differs from the field name.
+LOSS_FLAG = {"flip_ratio": "loss_flip_ratio", "flip_threshold": "loss_flip_threshold", "sync_stats": "sync_batch_stats"}
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    b = argparse.BooleanOptionalAction
+    g = p.add_argument_group("model and data (names as in diffusers' train_diffusion_dpo.py)")
+    g.add_argument("--pretrained_model_name_or_path", help="local diffusers-format folder (default: the built-in toy)")
+    g.add_argument("--variant", help="weights variant, e.g. fp16")
+    g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"],
+                   help="override the scheduler's prediction type")
+    g.add_argument("--dataset_name", help="local Pick-a-Pic-schema parquet/arrow file or folder, or a "
+                   "datasets.save_to_disk folder (default: the toy set)")
+    g.add_argument("--dataset_split_name")
+    g.add_argument("--latent_cache", help="train from this latent cache (built by `adpo-train cache`)")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="build a latent cache of --dataset_name in OUTPUT_DIR/latent_cache first, then train from it")
+    g.add_argument("--max_train_samples", type=int, help="use only the first N kept pairs")
+    g.add_argument("--resolution", type=int)
+    g.add_argument("--flip_ratio", type=float, help="inject label flips into this fraction of the pairs "
+                   "(recorded in OUTPUT_DIR/flipped_pairs.json)")
+    g.add_argument("--flip_seed", type=int)
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--toy_pairs", type=int, default=256, help="size of the toy preference set")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, help="preference pairs per device per micro-batch")
+    g.add_argument("--gradient_accumulation_steps", type=int)
+    g.add_argument("--max_train_steps", type=int)
+    g.add_argument("--num_train_epochs", type=int)
+    g.add_argument("--learning_rate", type=float)
+    g.add_argument("--scale_lr", action="store_true")
+    g.add_argument("--lr_scheduler", choices=["linear", "cosine", "cosine_with_restarts", "polynomial",
+                                              "constant", "constant_with_warmup"])
+    g.add_argument("--lr_warmup_steps", type=int)
+    g.add_argument("--adam_beta1", type=float)
+    g.add_argument("--adam_beta2", type=float)
+    g.add_argument("--adam_weight_decay", type=float)
+    g.add_argument("--adam_epsilon", type=float)
+    g.add_argument("--max_grad_norm", type=float)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
+    g.add_argument("--gradient_checkpointing", action=b)
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--cpu_threads", type=int, help="torch threads when training on the CPU (toy default: 1, "
+                   "which beats oversubscribed threads on the tiny model)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--rank", type=int, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=float, help="LoRA alpha (default: rank)")
+    g.add_argument("--lora_target_modules", help="comma-separated attention projections")
+    g.add_argument("--lora_init", help="peft init_lora_weights (default gaussian)")
+
+    g = p.add_argument_group("loss (adpo_kernels.AdaptiveDPOConfig)")
+    g.add_argument("--preset", choices=["paper", "dpo", "none"], default="none",
+                   help="paper: AdaptiveDPOConfig.paper() and the paper's trainer settings; dpo: plain Diffusion-DPO")
+    beta = g.add_mutually_exclusive_group()
+    beta.add_argument("--beta_dpo", type=float, help="diffusers convention: beta = beta_dpo / 2")
+    beta.add_argument("--beta", type=float, help="this package's beta (= the Adaptive-DPO script's beta_dpo)")
+    g.add_argument("--adaptive", action=b, help="Adaptive-DPO (default) or plain Diffusion-DPO")
+    g.add_argument("--loss_type", choices=["sigmoid", "ipo", "hinge", "robust", "conservative"])
+    g.add_argument("--rho", type=float)
+    g.add_argument("--weight_type", choices=["linear", "quadratic", "sqrt", "exp"])
+    g.add_argument("--tau", type=float)
+    g.add_argument("--intercept", type=float)
+    g.add_argument("--margin_type", choices=["none", "linear", "quadratic"])
+    g.add_argument("--beta_ipo", type=float)
+    g.add_argument("--label_smoothing", type=float)
+    g.add_argument("--logits_normalize", action=b)
+    g.add_argument("--std_standardize", action=b)
+    g.add_argument("--weight_normalize", action=b)
+    g.add_argument("--loss_flip_ratio", type=float, help="AdaptiveDPOConfig.flip_ratio (loss-side flipping)")
+    g.add_argument("--loss_flip_threshold", type=float, help="AdaptiveDPOConfig.flip_threshold")
+    g.add_argument("--sync_batch_stats", action=b, help="AdaptiveDPOConfig.sync_stats (multi-process)")
+    g.add_argument("--ema_decays", type=float, nargs="*", help="one EMA annotator per decay (default 0.9999 0.5)")
+    g.add_argument("--ema_warmup_steps", type=int, help="metric off for the first N optimisation steps")
+    g.add_argument("--loss_backend", default="auto", help="adpo_kernels backend (auto, torch, cpu, triton, cuda)")
+
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--output_dir")
+    g.add_argument("--checkpointing_steps", type=int)
+    g.add_argument("--checkpoints_total_limit", type=int)
+    g.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
+    g.add_argument("--stop_after_steps", type=int, help="checkpoint and exit after this many optimisation "
+                   "steps, as if preempted (resume with --resume_from_checkpoint latest)")
+    g.add_argument("--report_to", choices=["tensorboard", "jsonl", "none", "all"],
+                   help="metrics.jsonl is always written; tensorboard too when it is installed")
+    g.add_argument("--logging_steps", type=int, help="host sync + log every N optimisation steps")
+    g.add_argument("--dump_pairs", action="store_true",
+                   help="write pairs.jsonl: step, pair, logit, metric, weight, flipped for every pair")
+    g.add_argument("--no_plot", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adpo-train", description="Adaptive-DPO / Diffusion-DPO LoRA trainer. "
+                                "With no arguments it trains the built-in toy (no downloads).")
+    _add_train_flags(p)
+    return p
+
+
+def build_cache_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adpo-train cache", description="Precompute VAE latents and text "
+                                "embeddings of a Pick-a-Pic-schema dataset into safetensors shards.")
+    p.add_argument("--pretrained_model_name_or_path", required=True)
+    p.add_argument("--variant")
+    p.add_argument("--dataset_name", required=True)
+    p.add_argument("--dataset_split_name", default="train")
+    p.add_argument("--latent_cache", required=True, help="output folder")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--shard_size", type=int, default=1024, help="pairs per shard")
+    p.add_argument("--max_train_samples", type=int)
+    p.add_argument("--flip_ratio", type=float, default=0.0)
+    p.add_argument("--flip_seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the VAE latent sampling")
+    p.add_argument("--cache_dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--device")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset options (explicit > preset > toy > defaults) and attach ``args.loss_config``."""
+    import adpo_kernels as ak
+
+    args.toy = args.pretrained_model_name_or_path is None
+    if args.toy and (args.dataset_name or args.latent_cache):
+        raise SystemExit("adpo-train: --dataset_name/--latent_cache need --pretrained_model_name_or_path "
+                         "(the toy set only fits the toy model)")
+    layers = [DEFAULTS]
+    if args.toy:
+        layers.append(TOY_DEFAULTS)
+    if args.preset == "paper":
+        import torch
+
+        layers.append(PAPER_TRAINER)
+        if not args.toy:
+            layers.append(PAPER_TRAINER_REAL_MODEL)
+        if torch.cuda.is_available():
+            layers.append(PAPER_TRAINER_CUDA)
+    merged: dict = {}
+    for layer in layers:
+        merged.update(layer)
+    loss_explicit = {}
+    for field in LOSS_FIELDS:
+        flag = LOSS_FLAG.get(field, field)
+        if getattr(args, flag, None) is not None:
+            loss_explicit[field] = getattr(args, flag)
+    if args.beta_dpo is not None:
+        loss_explicit["beta"] = args.beta_dpo / 2.0
+    if loss_explicit.get("margin_type") == "none":
+        loss_explicit["margin_type"] = None
+    for key, value in merged.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.preset == "paper":
+        base = ak.AdaptiveDPOConfig.paper()
+    elif args.preset == "dpo":
+        base = ak.AdaptiveDPOConfig.dpo()
+    else:
+        base = ak.AdaptiveDPOConfig(**(TOY_LOSS if args.toy else {}))
+    if args.toy and args.preset != "none" and "beta" not in loss_explicit:
+        loss_explicit["beta"] = TOY_LOSS["beta"]  # the toy's logits are ~100x smaller than SD's
+    args.loss_config = base.replace(**loss_explicit)
+    if not args.loss_config.adaptive:
+        args.ema_decays = []
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv[0] if argv and not argv[0].startswith("-") else "train"
+    rest = argv[1:] if argv and not argv[0].startswith("-") else argv
+    if cmd == "train":
+        from .trainer import train
+
+        train(resolve(build_parser().parse_args(rest)))
+        return 0
+    if cmd == "cache":
+        from .cache import build_cache
+
+        a = build_cache_parser().parse_args(rest)
+        build_cache(a.pretrained_model_name_or_path, a.dataset_name, a.latent_cache, split=a.dataset_split_name,
+                    resolution=a.resolution, batch_size=a.batch_size, shard_size=a.shard_size,
+                    flip_ratio=a.flip_ratio, flip_seed=a.flip_seed, max_pairs=a.max_train_samples, seed=a.seed,
+                    dtype=a.cache_dtype, device=a.device, variant=a.variant)
+        return 0
+    if cmd == "make-toy":
+        import os
+
+        from . import toy
+
+        p = argparse.ArgumentParser(prog="adpo-train make-toy",
+                                    description="Write the toy model and the toy Pick-a-Pic-schema parquet")
+        p.add_argument("dir")
+        p.add_argument("--toy_pairs", type=int, default=256)
+        p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
+        a = p.parse_args(rest)
+        model = toy.write_toy_model(os.path.join(a.dir, "model"), prediction_type=a.prediction_type)
+        data = toy.write_toy_dataset(os.path.join(a.dir, "data", "train.parquet"), a.toy_pairs)
+        print(f"toy model: {model}\ntoy dataset: {data}")
+        return 0
+    if cmd == "experiment":
+        if not rest:
+            raise SystemExit("usage: adpo-train experiment label-flip [args]")
+        name, exp_args = rest[0], rest[1:]
+        if name != "label-flip":
+            raise SystemExit(f"adpo-train experiment: unknown experiment {name!r} (known: label-flip)")
+        from .experiments.label_flip import main as label_flip_main
+
+        result = label_flip_main(exp_args)
+        return int(result or 0)
+    raise SystemExit(f"adpo-train: unknown command {cmd!r} (train, cache, make-toy, experiment)")

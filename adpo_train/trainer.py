@@ -1,0 +1,438 @@
+"""The training loop: Adaptive-DPO (or plain Diffusion-DPO) on a LoRA of a diffusers UNet.
+
+One optimisation step, for a micro-batch of B pairs (rows stacked ``[winners; losers]``):
+
+1. latents and text embeddings, from the cache or from the VAE/text encoder (no grad);
+2. one noise draw and one timestep per pair, shared by its winner and loser rows;
+3. reference prediction: the same UNet with the LoRA adapters disabled, under no_grad;
+4. annotator predictions (once ``ema_warmup_steps`` optimisation steps are done): the
+   LoRA parameters swapped in place for each EMA copy, under no_grad;
+5. policy prediction with grad, then ``adpo_kernels.adaptive_dpo_loss`` and backward;
+6. after each optimiser step, every EMA annotator takes one update.
+
+Per-step metrics stay on the device and are read once every ``--logging_steps``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from argparse import Namespace
+
+import torch
+
+import adpo_kernels as ak
+
+from . import checkpoint as ckpt
+from .annotators import EMAAnnotators
+from .data import (CachedPairDataset, ImagePairDataset, PairBatchSampler, PickAPicPairs, collate_cached,
+                   collate_images)
+from .models import (LORA_WEIGHT_NAME, add_lora, load_encoders, load_lora_state_dict, load_scheduler, load_unet,
+                     lora_state_dict, save_lora_diffusers)
+
+# Device-side metric buffer: one slot per field, summed over optimisation steps between logs.
+FIELDS = ("loss", "implicit_acc", "weight_mean", "metric_mean", "logit_mean", "model_mse", "ref_mse",
+          "grad_norm", "nonfinite", "micro_batches", "flipped_weight_sum", "flipped_count",
+          "clean_weight_sum", "clean_count")
+F = {name: i for i, name in enumerate(FIELDS)}
+
+
+def _prepare_toy(args: Namespace, log) -> None:
+    """Materialise the toy model, dataset and latent cache under OUTPUT_DIR/toy (reused when present)."""
+    from . import toy
+    from .cache import build_cache
+
+    root = os.path.join(args.output_dir, "toy")
+    pt = args.prediction_type or "epsilon"
+    model = toy.write_toy_model(os.path.join(root, f"model-{pt}"), prediction_type=pt)
+    data = os.path.join(root, "data", f"pick_a_pic_toy_{args.toy_pairs}.parquet")
+    if not os.path.isfile(data):
+        toy.write_toy_dataset(data, args.toy_pairs)
+    cache = os.path.join(root, f"cache-{pt}-{args.toy_pairs}-flip{args.flip_ratio}-seed{args.flip_seed}")
+    if not os.path.isfile(os.path.join(cache, "index.json")):
+        build_cache(model, data, cache, resolution=toy.RESOLUTION, batch_size=64, flip_ratio=args.flip_ratio,
+                    flip_seed=args.flip_seed, max_pairs=args.max_train_samples, seed=args.seed, device="cpu", log=log)
+    args.pretrained_model_name_or_path, args.dataset_name, args.latent_cache = model, data, cache
+    args.resolution = toy.RESOLUTION
+
+
+def _trackers(args, accelerator, log):
+    import importlib.util
+
+    if args.report_to in ("tensorboard", "all"):
+        if importlib.util.find_spec("tensorboard") is None:
+            log("note: tensorboard is not installed; metrics go to metrics.jsonl only")
+            return False
+        accelerator.init_trackers("adpo-train", config={k: v for k, v in vars(args).items()
+                                                        if isinstance(v, (int, float, str, bool))})
+        return True
+    return False
+
+
+def quiet_libraries() -> None:
+    """No per-file progress bars or info chatter from diffusers/transformers; errors still show."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def train(args: Namespace) -> dict:
+    """Train; returns ``dict(lora=..., metrics=..., plot=..., global_step=...)``."""
+    quiet_libraries()
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision,
+                              log_with="tensorboard" if args.report_to in ("tensorboard", "all") else None,
+                              project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                                                  logging_dir=os.path.join(args.output_dir, "logs")))
+    main_proc = accelerator.is_main_process
+    if accelerator.device.type == "cpu" and getattr(args, "cpu_threads", None):
+        torch.set_num_threads(args.cpu_threads)
+    log = print if main_proc else (lambda *a, **k: None)
+    t_start = time.time()
+    if args.toy:
+        if main_proc:
+            _prepare_toy(args, log)
+        accelerator.wait_for_everyone()
+        if not main_proc:
+            _prepare_toy(args, lambda *a, **k: None)
+    if args.cache_latents and not args.latent_cache:
+        from .cache import build_cache
+
+        args.latent_cache = os.path.join(args.output_dir, "latent_cache")
+        if main_proc:
+            build_cache(args.pretrained_model_name_or_path, args.dataset_name, args.latent_cache,
+                        split=args.dataset_split_name, resolution=args.resolution, flip_ratio=args.flip_ratio,
+                        flip_seed=args.flip_seed, max_pairs=args.max_train_samples, seed=args.seed,
+                        device=str(accelerator.device), variant=args.variant, log=log)
+        accelerator.wait_for_everyone()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)
+    cfg: ak.AdaptiveDPOConfig = args.loss_config
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # -- models ---------------------------------------------------------------------------
+    scheduler = load_scheduler(args.pretrained_model_name_or_path, args.prediction_type)
+    unet = load_unet(args.pretrained_model_name_or_path, args.variant)
+    unet.to(device, dtype=weight_dtype)
+    named = add_lora(unet, args.rank, args.lora_alpha, [t.strip() for t in args.lora_target_modules.split(",")],
+                     args.lora_init)
+    lora_names, lora_params = [n for n, _ in named], [p for _, p in named]
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    # -- data -----------------------------------------------------------------------------
+    vae = text_encoder = None
+    flip_record = None
+    if args.latent_cache:
+        if args.flip_ratio and not args.toy:
+            log("note: --flip_ratio is applied when the cache is built; the cache's flips are used")
+        dataset = CachedPairDataset(args.latent_cache)
+        collate = collate_cached
+        meta = dataset.meta
+        flip_record = {k: meta[k] for k in ("flip_ratio", "flip_seed", "flipped_pairs", "flipped_rows")}
+        data_stats = {k: meta[k] for k in ("num_rows", "num_ties", "num_corrupt", "num_pairs")}
+    else:
+        if not args.dataset_name:
+            raise SystemExit("adpo-train: give --dataset_name or --latent_cache")
+        pairs = PickAPicPairs(args.dataset_name, args.dataset_split_name, args.flip_ratio, args.flip_seed,
+                              args.max_train_samples)
+        vae, text_encoder, tokenizer = load_encoders(args.pretrained_model_name_or_path, args.variant)
+        vae.to(device, dtype=weight_dtype)
+        text_encoder.to(device, dtype=weight_dtype)
+        dataset = ImagePairDataset(pairs, tokenizer, args.resolution)
+        collate = collate_images
+        flip_record = pairs.flip_record()
+        data_stats = {"num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": None,
+                      "num_pairs": len(pairs)}
+    if main_proc and flip_record is not None:
+        with open(os.path.join(args.output_dir, "flipped_pairs.json"), "w") as f:
+            json.dump(flip_record, f)
+    sampler = PairBatchSampler(len(dataset), args.train_batch_size, args.seed, rank=accelerator.process_index,
+                               world=accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=args.dataloader_num_workers)
+    batches_per_epoch = sampler.num_batches()
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps * args.gradient_accumulation_steps / batches_per_epoch) + 1
+
+    # -- optimisation -------------------------------------------------------------------
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = torch.optim.AdamW(lora_params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    base_unet = accelerator.unwrap_model(unet)
+
+    def save_hook(models, weights, output_dir):
+        if main_proc:
+            save_file(lora_state_dict(accelerator.unwrap_model(models[0])), os.path.join(output_dir, "lora.safetensors"))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            load_lora_state_dict(accelerator.unwrap_model(models.pop()),
+                                 load_file(os.path.join(input_dir, "lora.safetensors")))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    annotators = EMAAnnotators(lora_params, lora_names, args.ema_decays) if cfg.adaptive and args.ema_decays else None
+    gen = torch.Generator(device=device).manual_seed(args.seed * 7919 + accelerator.process_index)
+    buf = torch.zeros(len(FIELDS), dtype=torch.float64, device=device)
+    global_step, epoch, batch_in_epoch = 0, 0, 0
+    num_corrupt_seen = 0
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    pairs_path = os.path.join(args.output_dir, "pairs.jsonl")
+
+    # -- resume ---------------------------------------------------------------------------
+    resume = ckpt.resolve(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and resume is None:
+        log(f"no checkpoint in {args.output_dir}; starting fresh")
+    if resume:
+        state = ckpt.read_state(resume)
+        accelerator.load_state(resume)
+        if annotators is not None:
+            annotators.load(load_file(os.path.join(resume, "ema.safetensors"), device=str(device)), state["ema"])
+        rng = load_file(os.path.join(resume, f"trainer_rng_{accelerator.process_index}.safetensors"))
+        gen.set_state(rng["noise_generator"])
+        buf.copy_(rng["metrics"])
+        global_step, epoch, batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
+        num_corrupt_seen = state.get("num_corrupt_seen", 0)
+        log(f"resumed from {resume} at step {global_step} (epoch {epoch}, batch {batch_in_epoch})")
+        for path in (metrics_path, pairs_path):
+            if main_proc and os.path.isfile(path):
+                with open(path) as f:
+                    keep = [ln for ln in f if json.loads(ln)["step"] <= global_step]
+                with open(path, "w") as f:
+                    f.writelines(keep)
+    elif main_proc:
+        for path in (metrics_path, pairs_path):
+            if os.path.exists(path):
+                os.remove(path)
+    use_tb = _trackers(args, accelerator, log)
+    with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:
+        json.dump({"args": {k: v for k, v in vars(args).items() if k != "loss_config"},
+                   "loss_config": dataclasses.asdict(cfg), "data": data_stats,
+                   "lora_parameters": sum(p.numel() for p in lora_params)}, f, indent=1, default=str)
+    log(f"adpo-train: {len(dataset)} pairs, {batches_per_epoch} batches/epoch of {args.train_batch_size} pairs, "
+        f"{args.max_train_steps} steps, {'Adaptive-DPO' if cfg.adaptive else 'Diffusion-DPO'} "
+        f"beta={cfg.beta:g}, {len(args.ema_decays)} EMA annotator(s), LoRA r={args.rank} "
+        f"({sum(p.numel() for p in lora_params):,} params), {scheduler.config.prediction_type}, device {device}")
+
+    def write_checkpoint(step: int, position: tuple[int, int]) -> str:
+        tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
+        state = {"global_step": step, "epoch": position[0], "batch_in_epoch": position[1],
+                 "num_corrupt_seen": num_corrupt_seen, "world_size": accelerator.num_processes,
+                 "ema": annotators.state_meta() if annotators is not None else None}
+
+        def write(path):
+            accelerator.save_state(path, safe_serialization=True)
+            if annotators is not None:
+                save_file(annotators.state_tensors(), os.path.join(path, "ema.safetensors"))
+            save_file({"noise_generator": gen.get_state(), "metrics": buf.cpu()},
+                      os.path.join(path, f"trainer_rng_{accelerator.process_index}.safetensors"))
+            return state
+
+        accelerator.wait_for_everyone()
+        if accelerator.num_processes == 1:
+            return ckpt.save_atomic(args.output_dir, step, write, args.checkpoints_total_limit)
+        # several processes: every rank writes its files into the main process's temporary folder
+        if main_proc:
+            ckpt.begin(args.output_dir, step)
+        accelerator.wait_for_everyone()
+        write(tmp)
+        accelerator.wait_for_everyone()
+        path = ckpt.finish(args.output_dir, step, state, args.checkpoints_total_limit) if main_proc else tmp
+        accelerator.wait_for_everyone()
+        return path
+
+    # -- the loop -------------------------------------------------------------------------
+    progress = None
+    if main_proc and not args.quiet:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=args.max_train_steps, initial=global_step, desc="adpo-train", dynamic_ncols=True)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    target_dtype = None
+    pair_rows: list[torch.Tensor] = []
+    t_log, steps_since_log = time.time(), 0
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    v_pred = scheduler.config.prediction_type == "v_prediction"
+    unet.train()
+    done = global_step >= args.max_train_steps
+    while not done and epoch < num_epochs:
+        sampler.set_epoch(epoch, batch_in_epoch)
+        for batch in loader:
+            batch_in_epoch += 1
+            num_corrupt_seen += batch["num_corrupt"]
+            if batch["num_pairs"] == 0:
+                continue
+            with accelerator.accumulate(unet):
+                with torch.no_grad():
+                    if "latents" in batch:
+                        lat = batch["latents"].to(device, torch.float32)
+                        text = batch["text"].to(device, weight_dtype)
+                    else:
+                        from .cache import encode_images, encode_text
+
+                        lat = encode_images(vae, batch["pixels"], gen).float()
+                        text = encode_text(text_encoder, batch["input_ids"])
+                    B = lat.shape[0]
+                    latents = torch.cat([lat[:, 0], lat[:, 1]])
+                    noise = torch.randn(lat[:, 0].shape, generator=gen, device=device)
+                    t = torch.randint(0, num_train_timesteps, (B,), generator=gen, device=device).long()
+                    noise2, t2 = noise.repeat(2, 1, 1, 1), t.repeat(2)
+                    noisy = scheduler.add_noise(latents, noise2, t2).to(weight_dtype)
+                    enc = text.repeat(2, 1, 1)
+                    target = scheduler.get_velocity(latents, noise2, t2) if v_pred else noise
+
+                def forward():
+                    return unet(noisy, t2, enc, return_dict=False)[0]
+
+                with torch.no_grad():
+                    base_unet.disable_adapters()
+                    ref_pred = forward()
+                    base_unet.enable_adapters()
+                ready = global_step >= args.ema_warmup_steps
+                ann = annotators.predict(forward) if annotators is not None and ready else None
+                model_pred = forward()
+                dt = model_pred.dtype
+                out = ak.adaptive_dpo_loss(model_pred, ref_pred.to(dt), target.to(dt),
+                                           [a.to(dt) for a in ann] if ann else None, config=cfg,
+                                           annotators_ready=ready, backend=args.loss_backend)
+                accelerator.backward(out.loss)
+                nonfinite |= out.nonfinite
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    for p in lora_params:
+                        if p.grad is not None:
+                            p.grad.masked_fill_(nonfinite, 0.0)  # skip the step's update without a host sync
+                    if args.max_grad_norm and args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                with torch.no_grad():
+                    w = out.weights
+                    fl = batch["flipped"].to(device)
+                    row = torch.stack([out.loss.detach().double(), out.implicit_acc.double(), w.mean().double(),
+                                       out.metric.mean().double(), out.logits.mean().double(),
+                                       out.model_mse.mean().double(), out.ref_mse.mean().double(),
+                                       (grad_norm.double() if isinstance(grad_norm, torch.Tensor)
+                                        else torch.zeros((), dtype=torch.float64, device=device)),
+                                       out.nonfinite.double(), torch.ones((), dtype=torch.float64, device=device),
+                                       (w * fl).sum().double(), fl.sum().double(),
+                                       (w * ~fl).sum().double(), (~fl).sum().double()])
+                    buf += row
+                    if args.dump_pairs:
+                        pair_rows.append(torch.stack([torch.full_like(out.logits, global_step + 1),
+                                                      batch["index"].to(device, out.logits.dtype), out.logits,
+                                                      out.metric, w, fl.to(out.logits.dtype)], 1))
+
+            if not accelerator.sync_gradients:
+                continue
+            nonfinite.zero_()
+            if annotators is not None:
+                annotators.step()
+            global_step += 1
+            steps_since_log += 1
+            if progress is not None:
+                progress.update(1)
+            if global_step % args.logging_steps == 0 or global_step >= args.max_train_steps:
+                vals = buf.tolist()  # the one host sync per logging interval
+                buf.zero_()
+                n = max(vals[F["micro_batches"]], 1.0)
+                elapsed = time.time() - t_log
+                rec = {"step": global_step, "epoch": epoch, "loss": vals[F["loss"]] / n,
+                       "implicit_acc": vals[F["implicit_acc"]] / n, "weight_mean": vals[F["weight_mean"]] / n,
+                       "metric_mean": vals[F["metric_mean"]] / n, "logit_mean": vals[F["logit_mean"]] / n,
+                       "model_mse": vals[F["model_mse"]] / n, "ref_mse": vals[F["ref_mse"]] / n,
+                       "grad_norm": vals[F["grad_norm"]] / max(steps_since_log, 1),
+                       "nonfinite_micro_batches": int(vals[F["nonfinite"]]), "lr": lr_scheduler.get_last_lr()[0],
+                       "annotators_ready": ready, "corrupt_pairs_seen": num_corrupt_seen,
+                       "steps_per_s": steps_since_log / max(elapsed, 1e-9)}
+                if vals[F["flipped_count"]] > 0:
+                    rec["weight_mean_flipped"] = vals[F["flipped_weight_sum"]] / vals[F["flipped_count"]]
+                    rec["weight_mean_clean"] = vals[F["clean_weight_sum"]] / max(vals[F["clean_count"]], 1.0)
+                t_log, steps_since_log = time.time(), 0
+                if main_proc:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if pair_rows:
+                        with open(pairs_path, "a") as f:
+                            for r in torch.cat(pair_rows).tolist():
+                                f.write(json.dumps({"step": int(r[0]), "pair": int(r[1]), "logit": r[2],
+                                                    "metric": r[3], "weight": r[4], "flipped": bool(r[5])}) + "\n")
+                    if use_tb:
+                        accelerator.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=global_step)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['implicit_acc']:.3f}",
+                                             w=f"{rec['weight_mean']:.3f}")
+                pair_rows.clear()
+            stop = args.stop_after_steps is not None and global_step >= args.stop_after_steps
+            if (global_step % args.checkpointing_steps == 0 or stop) and global_step < args.max_train_steps:
+                path = write_checkpoint(global_step, (epoch, batch_in_epoch))
+                log(f"\ncheckpoint: {path}" if progress is not None else f"checkpoint: {path}")
+            if stop:
+                if progress is not None:
+                    progress.close()
+                log(f"stopped after {global_step} steps (--stop_after_steps); resume with "
+                    f"--resume_from_checkpoint latest")
+                accelerator.end_training()
+                return {"global_step": global_step, "stopped": True, "output_dir": args.output_dir}
+            if global_step >= args.max_train_steps:
+                done = True
+                break
+        if not done:
+            epoch, batch_in_epoch = epoch + 1, 0
+    if progress is not None:
+        progress.close()
+
+    # -- outputs --------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    result = {"global_step": global_step, "output_dir": args.output_dir, "stopped": False,
+              "metrics": metrics_path, "lora": os.path.join(args.output_dir, LORA_WEIGHT_NAME)}
+    if main_proc:
+        save_lora_diffusers(base_unet, args.output_dir)
+        if annotators is not None:
+            save_file(annotators.state_tensors(), os.path.join(args.output_dir, "ema_annotators.safetensors"),
+                      metadata={"decays": json.dumps(annotators.decays)})
+        plot = None
+        if not args.no_plot:
+            from .plot import plot_metrics
+
+            plot = plot_metrics(metrics_path, os.path.join(args.output_dir, "training_curves.png"))
+        result["plot"] = plot
+        log(f"\ndone: {global_step} steps in {time.time() - t_start:.0f}s")
+        log(f"  LoRA (diffusers format): {result['lora']}")
+        log(f"  metrics:                 {metrics_path}")
+        if plot:
+            log(f"  plot:                    {plot}")
+        if flip_record and flip_record.get("flipped_pairs"):
+            log(f"  flipped pairs:           {os.path.join(args.output_dir, 'flipped_pairs.json')}")
+        if args.dump_pairs:
+            log(f"  per-pair dump:           {pairs_path}")
+    accelerator.end_training()
+    return result
