@@ -37,7 +37,7 @@ def _pairs_bwd_kernel(grad_ptr, grad_loss_ptr, g_ptr, mp_ptr, t_ptr, N, B, t_row
         tl.store(grad_ptr + base + offs, (coef * (x - t)).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def pairs_bwd(grad_loss: torch.Tensor, grad_coef: torch.Tensor, model_pred: torch.Tensor,
+def pairs_backward(grad_loss: torch.Tensor, grad_coef: torch.Tensor, model_pred: torch.Tensor,
               target: torch.Tensor) -> torch.Tensor:
     """The launcher of ``adpo::triton_pairs_bwd``: the gradient w.r.t. ``model_pred``."""
     op = "triton_pairs_bwd"

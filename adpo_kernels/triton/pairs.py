@@ -38,7 +38,7 @@ import triton.language as tl
 from .. import config as C
 from . import _common
 
-NORM_EPS = 1e-12
+NORM_EPS = tl.constexpr(1e-12)  # F.normalize's guard, as in reference.py
 
 
 @triton.jit
@@ -242,7 +242,24 @@ def _pairs_kernel(
     tl.store(acc_ptr, tl.sum(acc_acc, axis=0) * inv_n)
 
 
-def pairs(mse: torch.Tensor, offset: int, num_pairs: int, fparams: Sequence[float], iparams: Sequence[int]):
+def kernel_meta(K1: int, Bg: int, iparams: Sequence[int], interpret: bool) -> tuple[dict, int]:
+    """The constexpr switches and block sizes of ``_pairs_kernel`` (and its num_warps)."""
+    n = iparams
+    KP = max(2, _common.next_pow2(K1))
+    if interpret:  # big tiles: numpy is fast, programs are not
+        BB = min(_common.next_pow2(Bg), 1024)
+        BQ = BC = BB
+    else:  # tiles of at most 4096 elements in registers
+        BB = min(_common.next_pow2(Bg), max(16, 4096 // KP))
+        BQ, BC = min(BB, 32), min(BB, 128)
+    consts = dict(K1=K1, KP=KP, LOSS=n[C.I_LOSS], WEIGHT=n[C.I_WEIGHT], MARGIN=n[C.I_MARGIN],
+                  METRIC=n[C.I_METRIC], LN=bool(n[C.I_LOGITS_NORMALIZE]), STD=bool(n[C.I_STD_STANDARDIZE]),
+                  WN=bool(n[C.I_WEIGHT_NORMALIZE]), FLIP=bool(n[C.I_FLIP]),
+                  FULL=n[C.I_METRIC] == C.METRIC_ON and K1 > 1, BB=BB, BQ=BQ, BC=BC)
+    return consts, 8 if BB * KP >= 2048 else 4
+
+
+def pairs_forward(mse: torch.Tensor, offset: int, num_pairs: int, fparams: Sequence[float], iparams: Sequence[int]):
     """The launcher of ``adpo::triton_pairs`` (``model_pred`` / ``target`` are not read)."""
     op = "triton_pairs"
     _common.check_device(_pairs_kernel, mse, op)
@@ -255,29 +272,17 @@ def pairs(mse: torch.Tensor, offset: int, num_pairs: int, fparams: Sequence[floa
     if len(fparams) != 8 or len(iparams) != 8:
         raise ValueError(f"adpo::{op}: expected 8 fparams and 8 iparams (AdaptiveDPOConfig.op_params)")
     mse = mse.contiguous()
-    K1 = mse.shape[0] - 1
-    KP = max(2, _common.next_pow2(K1))
+    consts, num_warps = kernel_meta(mse.shape[0] - 1, Bg, iparams, _common.is_interpreted(_pairs_kernel))
     dev = mse.device
     scalar = lambda: _common.alloc((), torch.float32, dev)  # noqa: E731
     vec = lambda: _common.alloc((num_pairs,), torch.float32, dev)  # noqa: E731
     loss, logits, metric, weights, margin, acc, g = scalar(), vec(), vec(), vec(), vec(), scalar(), vec()
-    if _common.is_interpreted(_pairs_kernel):
-        BB = min(_common.next_pow2(Bg), 1024)
-        BQ = BC = BB
-    else:
-        BB = min(_common.next_pow2(Bg), max(16, 4096 // KP))
-        BQ, BC = min(BB, 32), min(BB, 128)
-    f, n = fparams, iparams
-    q_idx = min(int(Bg * (1.0 - f[C.F_FLIP_RATIO])), Bg - 1)
+    f = fparams
+    q_idx = min(int(Bg * (1.0 - f[C.F_FLIP_RATIO])), Bg - 1)  # the host float arithmetic of reference.py
     with _common.device_guard(mse):
         _pairs_kernel[(1,)](
             mse, loss, logits, metric, weights, margin, acc, g,
             Bg, offset, num_pairs, q_idx,
             f[C.F_BETA], f[C.F_RHO], f[C.F_TAU], f[C.F_INTERCEPT], f[C.F_BETA_IPO], f[C.F_EPS],
-            f[C.F_FLIP_THRESHOLD],
-            K1=K1, KP=KP, LOSS=n[C.I_LOSS], WEIGHT=n[C.I_WEIGHT], MARGIN=n[C.I_MARGIN],
-            METRIC=n[C.I_METRIC], LN=bool(n[C.I_LOGITS_NORMALIZE]), STD=bool(n[C.I_STD_STANDARDIZE]),
-            WN=bool(n[C.I_WEIGHT_NORMALIZE]), FLIP=bool(n[C.I_FLIP]),
-            FULL=n[C.I_METRIC] == C.METRIC_ON and K1 > 1, BB=BB, BQ=BQ, BC=BC,
-            num_warps=8 if BB * KP >= 2048 else 4)
+            f[C.F_FLIP_THRESHOLD], **consts, num_warps=num_warps)
     return loss, logits, metric, weights, margin, acc, g
