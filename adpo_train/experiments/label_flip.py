@@ -543,7 +543,7 @@ def write_report(results: list[RunResult], s: Settings, out_dir: str, seconds: f
         f.write(table)
     plot_flip_fraction(results, os.path.join(out_dir, "flip_fraction.png"))
     plot_curves(results, os.path.join(out_dir, "reward_curves.png"))
-    info = dict(command="python -m adpo_train.experiments.label_flip " + " ".join(argv),
+    info = dict(command=" ".join(["python -m adpo_train.experiments.label_flip"] + list(argv)),
                 settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
                 rho_used=s.rho_for(), seconds=round(seconds, 1), machine=platform.platform(),
                 processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
