@@ -173,7 +173,7 @@ def _run_heading(rs: list[dict]) -> str:
     r0 = rs[0]
     note = f" Note: {r0['note']}." if r0.get("note") else ""
     load = f", 1-min load average {r0['loadavg']} at start" if r0.get("loadavg") else ""
-    return (f"**{r0.get('device')}** ({machine(r0)}). Suite `{r0.get('suite')}`, run `{r0.get('run_id')}`, "
+    return (f"**{machine(r0)}**. Suite `{r0.get('suite')}`, run `{r0.get('run_id')}`, "
             f"{r0.get('date')}, git `{r0.get('git_sha')}` ({r0.get('git_state') or '?'}){load}; copy bandwidth "
             f"measured in the run: {float(r0.get('copy_gbps') or 0):.1f} GB/s.{note}")
 
@@ -183,9 +183,10 @@ def _loss_run_table(rs: list[dict]) -> str:
     by_case: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in ok:
         by_case[_case_key(r)][r["provider"]] = r
-    header = ["shape", "K", "dtype", "mode", "provider", "median ms (p10-p90)", "vs eager", "vs compiled",
-              "GB/s", "% of floor", "peak extra MB (% of one input)", "launches", "allocated MB",
-              "first call ms"]
+    gpu = rs[0].get("device_type") == "cuda"
+    header = ["shape", "K", "dtype", "mode", "provider", "median ms (p10-p90)", "min ms", "vs eager", "vs compiled",
+              "GB/s", "% of floor", "peak extra MB (% of one input)"] + (["launches", "kernel ms"] if gpu else []) + [
+              "allocated MB", "first call ms"]
     body = []
     for key in sorted(by_case):
         by = by_case[key]
@@ -199,15 +200,14 @@ def _loss_run_table(rs: list[dict]) -> str:
             pk, pkp = _f(r, "peak_extra_bytes"), _f(r, "peak_extra_pct_input")
             al = _f(r, "alloc_bytes")
             body.append([r["shape"], r["K"], r["dtype"], r["mode"], f"`{p}`",
-                         f"{_ms(med)} ({_ms(_f(r, 'p10_ms'))}-{_ms(_f(r, 'p90_ms'))})",
+                         f"{_ms(med)} ({_ms(_f(r, 'p10_ms'))}-{_ms(_f(r, 'p90_ms'))})", _ms(_f(r, "min_ms")),
                          _x(eager / med) if eager and med else "-",
                          _x(comp / med) if comp and med else "-",
                          f"{_f(r, 'gbps'):.1f}" if _f(r, "gbps") is not None else "-",
                          f"{_f(r, 'pct_floor'):.1f}%" if _f(r, "pct_floor") is not None else "-",
-                         f"{pk / 1e6:.1f} ({pkp:.1f}%)" if pk is not None and pkp is not None else "-",
-                         r.get("launches") or "-",
-                         f"{al / 1e6:.1f}" if al is not None else "-",
-                         _ms(_f(r, "first_call_ms"))])
+                         f"{pk / 1e6:.1f} ({pkp:.1f}%)" if pk is not None and pkp is not None else "-"]
+                        + ([r.get("launches") or "-", _ms(_f(r, "kernel_ms"))] if gpu else [])
+                        + [f"{al / 1e6:.1f}" if al is not None else "-", _ms(_f(r, "first_call_ms"))])
     text = _md_table(header, body) if body else "_No successful rows in this run._"
     sk = _skips(rs)
     if sk:
