@@ -48,8 +48,9 @@ inline void check_mse_args(const char* op, const at::Tensor& model_pred, const a
 }
 
 // mse (2 + K, 2, B_global) in float32/float64; pairs offset .. offset + num_pairs are local.
-inline Params check_pairs_args(const char* op, const at::Tensor& mse, int64_t offset, int64_t num_pairs,
-                               c10::ArrayRef<double> fparams, c10::IntArrayRef iparams) {
+// model_pred is the local (2 * num_pairs, N) input that the backward differentiates.
+inline Params check_pairs_args(const char* op, const at::Tensor& mse, const at::Tensor& model_pred, int64_t offset,
+                               int64_t num_pairs, c10::ArrayRef<double> fparams, c10::IntArrayRef iparams) {
   TORCH_CHECK(mse.dim() == 3 && mse.size(0) >= 2 && mse.size(1) == 2 && mse.size(2) > 0, op,
               ": mse must be (2 + K, 2, B) with B > 0, got shape ", mse.sizes());
   TORCH_CHECK(mse.scalar_type() == at::kFloat || mse.scalar_type() == at::kDouble, op,
@@ -57,6 +58,10 @@ inline Params check_pairs_args(const char* op, const at::Tensor& mse, int64_t of
   const int64_t B = mse.size(2);
   TORCH_CHECK(num_pairs > 0 && offset >= 0 && offset + num_pairs <= B, op, ": local pairs [", offset, ", ",
               offset + num_pairs, ") must be a non-empty range inside the ", B, " pairs of mse");
+  TORCH_CHECK(model_pred.dim() == 2 && model_pred.size(0) == 2 * num_pairs, op, ": model_pred must be (2 * num_pairs, N) = (",
+              2 * num_pairs, ", N), got shape ", model_pred.sizes());
+  TORCH_CHECK(model_pred.device() == mse.device(), op, ": model_pred is on ", model_pred.device(), ", mse on ",
+              mse.device());
   TORCH_CHECK((int64_t)fparams.size() == NUM_F, op, ": fparams must have ", (int)NUM_F, " entries, got ",
               fparams.size());
   TORCH_CHECK((int64_t)iparams.size() == NUM_I, op, ": iparams must have ", (int)NUM_I, " entries, got ",

@@ -179,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& mse, const at::Tensor& model_pred, const at::Tensor& target, int64_t offset,
     int64_t num_pairs, c10::ArrayRef<double> fparams, c10::IntArrayRef iparams) {
   constexpr const char* op = "adpo::cpu_pairs";
-  const Params p = check_pairs_args(op, mse, offset, num_pairs, fparams, iparams);
+  const Params p = check_pairs_args(op, mse, model_pred, offset, num_pairs, fparams, iparams);
   check_cpu(op, mse);
   const at::Tensor ms = mse.contiguous();
   const auto opts = ms.options();
