@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from argparse import Namespace
 
@@ -206,6 +207,10 @@ def train(args: Namespace) -> dict:
     pairs_path = os.path.join(args.output_dir, "pairs.jsonl")
 
     # -- resume ---------------------------------------------------------------------------
+    if main_proc:
+        for name in os.listdir(args.output_dir):
+            if name.startswith(".tmp-checkpoint-"):  # left by a save that crashed: never complete
+                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
     resume = ckpt.resolve(args.output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint and resume is None:
         log(f"no checkpoint in {args.output_dir}; starting fresh")
@@ -219,6 +224,7 @@ def train(args: Namespace) -> dict:
         buf.copy_(rng["metrics"])
         global_step, epoch, batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
         num_corrupt_seen = state.get("num_corrupt_seen", 0)
+        resumed_steps_since_log = state.get("steps_since_log", 0)
         log(f"resumed from {resume} at step {global_step} (epoch {epoch}, batch {batch_in_epoch})")
         for path in (metrics_path, pairs_path):
             if main_proc and os.path.isfile(path):
@@ -240,10 +246,20 @@ def train(args: Namespace) -> dict:
         f"beta={cfg.beta:g}, {len(args.ema_decays)} EMA annotator(s), LoRA r={args.rank} "
         f"({sum(p.numel() for p in lora_params):,} params), {scheduler.config.prediction_type}, device {device}")
 
+    def flush_pairs() -> None:
+        if main_proc and pair_rows:
+            with open(pairs_path, "a") as f:
+                for r in torch.cat(pair_rows).tolist():
+                    f.write(json.dumps({"step": int(r[0]), "pair": int(r[1]), "logit": r[2], "metric": r[3],
+                                        "weight": r[4], "flipped": bool(r[5])}) + "\n")
+        pair_rows.clear()
+
     def write_checkpoint(step: int, position: tuple[int, int]) -> str:
+        flush_pairs()
         tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
         state = {"global_step": step, "epoch": position[0], "batch_in_epoch": position[1],
-                 "num_corrupt_seen": num_corrupt_seen, "world_size": accelerator.num_processes,
+                 "num_corrupt_seen": num_corrupt_seen, "steps_since_log": steps_since_log,
+                 "world_size": accelerator.num_processes,
                  "ema": annotators.state_meta() if annotators is not None else None}
 
         def write(path):
@@ -276,7 +292,7 @@ def train(args: Namespace) -> dict:
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     target_dtype = None
     pair_rows: list[torch.Tensor] = []
-    t_log, steps_since_log = time.time(), 0
+    t_log, steps_since_log = time.time(), (resumed_steps_since_log if resume else 0)
     num_train_timesteps = scheduler.config.num_train_timesteps
     v_pred = scheduler.config.prediction_type == "v_prediction"
     unet.train()
@@ -377,20 +393,15 @@ def train(args: Namespace) -> dict:
                     rec["weight_mean_flipped"] = vals[F["flipped_weight_sum"]] / vals[F["flipped_count"]]
                     rec["weight_mean_clean"] = vals[F["clean_weight_sum"]] / max(vals[F["clean_count"]], 1.0)
                 t_log, steps_since_log = time.time(), 0
+                flush_pairs()
                 if main_proc:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
-                    if pair_rows:
-                        with open(pairs_path, "a") as f:
-                            for r in torch.cat(pair_rows).tolist():
-                                f.write(json.dumps({"step": int(r[0]), "pair": int(r[1]), "logit": r[2],
-                                                    "metric": r[3], "weight": r[4], "flipped": bool(r[5])}) + "\n")
                     if use_tb:
                         accelerator.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=global_step)
                     if progress is not None:
                         progress.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['implicit_acc']:.3f}",
                                              w=f"{rec['weight_mean']:.3f}")
-                pair_rows.clear()
             stop = args.stop_after_steps is not None and global_step >= args.stop_after_steps
             if (global_step % args.checkpointing_steps == 0 or stop) and global_step < args.max_train_steps:
                 path = write_checkpoint(global_step, (epoch, batch_in_epoch))

@@ -1,0 +1,52 @@
+"""Shared, lazily built assets of the trainer tests (no tests here).
+
+One toy model folder, one toy Pick-a-Pic parquet and one latent cache per test session,
+built offline in a temporary folder; every trainer test reuses them.
+"""
+import atexit
+import os
+import shutil
+import tempfile
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+_ROOT = None
+_ASSETS = {}
+
+# Flags every in-process trainer run of the tests shares: small, quiet, one CPU thread.
+FAST = ["--cpu_threads", "1", "--quiet", "--no_plot", "--report_to", "jsonl"]
+
+
+def root() -> str:
+    global _ROOT
+    if _ROOT is None:
+        _ROOT = tempfile.mkdtemp(prefix="adpo-train-tests-")
+        atexit.register(shutil.rmtree, _ROOT, True)
+    return _ROOT
+
+
+def toy_assets(num_pairs: int = 24) -> dict:
+    """``dict(model, data, cache)``: the toy model folder, a parquet (with 2 ties, 1 corrupt) and its cache."""
+    if num_pairs not in _ASSETS:
+        from adpo_train import toy
+        from adpo_train.cache import build_cache
+
+        base = os.path.join(root(), f"assets-{num_pairs}")
+        model = toy.write_toy_model(os.path.join(root(), "model"))
+        data = toy.write_toy_dataset(os.path.join(base, "data.parquet"), num_pairs)
+        cache = os.path.join(base, "cache")
+        build_cache(model, data, cache, resolution=toy.RESOLUTION, batch_size=32, flip_ratio=0.25, flip_seed=3,
+                    device="cpu", log=lambda *a: None)
+        _ASSETS[num_pairs] = {"model": model, "data": data, "cache": cache}
+    return _ASSETS[num_pairs]
+
+
+def run_trainer(argv):
+    from adpo_train.cli import build_parser, resolve
+    from adpo_train.trainer import train
+
+    return train(resolve(build_parser().parse_args(list(argv) + FAST)))
