@@ -185,6 +185,55 @@ def test_pairs_sync_stats_slices():
     assert_close(torch.cat([parts[0][6] * 4, parts[1][6] * 5]), full[6] * B, 1e-9, 1e-5, "g")
 
 
+SYNC_CFG = AdaptiveDPOConfig(beta=400.0, rho=30.0, logits_normalize=True, std_standardize=True,
+                              weight_normalize=True, margin_type="quadratic", flip_ratio=0.3,
+                              flip_threshold=0.0, sync_stats=True)
+SYNC_B, SYNC_SPLIT = 7, (3, 4)
+
+
+def _rank_rows(x, rank):
+    lo = sum(SYNC_SPLIT[:rank])
+    hi = lo + SYNC_SPLIT[rank]
+    return torch.cat([x[lo:hi], x[SYNC_B + lo:SYNC_B + hi]]) if x.shape[0] == 2 * SYNC_B else x[lo:hi]
+
+
+def _sync_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model, ref, target, annots = make_inputs(SYNC_B, (40,), torch.float32, K=2, seed=21)
+        local = [_rank_rows(t.detach(), rank) for t in (model, ref, target)]
+        m = local[0].requires_grad_(True)
+        out = ak.adaptive_dpo_loss(m, local[1], local[2], [_rank_rows(a, rank) for a in annots], SYNC_CFG,
+                                   backend="triton")
+        out.loss.backward()
+        torch.save({f: getattr(out, f) for f in FIELDS} | {"grad": m.grad}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_stats_two_processes(tmp_path):
+    """Two gloo processes with 3 and 4 pairs reproduce one process with 7 (statistics global)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sync_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    model, ref, target, annots = make_inputs(SYNC_B, (40,), torch.float32, K=2, seed=21)
+    whole, grad = _run("triton", model, ref, target, annots, SYNC_CFG, True)
+    for rank, n in enumerate(SYNC_SPLIT):
+        got = torch.load(os.path.join(tmp_path, f"{rank}.pt"))
+        for f in ("logits", "metric", "weights", "margin", "model_mse", "ref_mse"):
+            assert_close(got[f], _rank_rows(getattr(whole, f), rank) if f.endswith("mse") else
+                         getattr(whole, f)[sum(SYNC_SPLIT[:rank]):][:n], 1e-7, 1e-5, f"rank {rank} {f}")
+        # the local loss is the mean over the local pairs: its gradient is B/n times the global one
+        assert_close(got["grad"], _rank_rows(grad, rank) * (SYNC_B / n), 1e-8, 1e-5, f"rank {rank} grad")
+
+
 # -- determinism, poisoned outputs, op checks ---------------------------------------------
 
 def _everything(model, ref, target, annots, cfg):

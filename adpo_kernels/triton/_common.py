@@ -48,8 +48,18 @@ class RowPlan:
     num_warps: int
 
 
-def plan_rows(N: int, rows: int, device: torch.device, interpret: bool) -> RowPlan:
-    """Split ``rows`` rows of ``N`` elements into ``(rows, num_chunks)`` programs."""
+# A reduction row is split only into chunks of at least this many input bytes: below it
+# one more launch (the fixed-order sum of the partials) costs more than the parallelism
+# gains (e.g. SD1.5 latents, N = 16384 bf16 with K = 2: one program per row, one launch).
+MIN_CHUNK_BYTES = 256 * 1024
+
+
+def plan_rows(N: int, rows: int, device: torch.device, interpret: bool, row_bytes: int = 0) -> RowPlan:
+    """Split ``rows`` rows of ``N`` elements into ``(rows, num_chunks)`` programs.
+
+    About 8 programs per SM in all; ``row_bytes`` (bytes read per row, given by the
+    reduction) also caps the chunks per row at ``row_bytes / MIN_CHUNK_BYTES``.
+    """
     if interpret:
         block = 256
         per = 2 * block
@@ -58,6 +68,8 @@ def plan_rows(N: int, rows: int, device: torch.device, interpret: bool) -> RowPl
     num_warps = 8 if block >= 2048 else 4
     target_programs = 8 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     want = min(max(cdiv(target_programs, rows), 1), cdiv(N, block), MAX_GRID_Y)
+    if row_bytes:
+        want = max(1, min(want, row_bytes // MIN_CHUNK_BYTES))
     per = cdiv(cdiv(N, want), block) * block
     return RowPlan(block, per, cdiv(N, per), num_warps)
 

@@ -136,7 +136,8 @@ def row_mse(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tens
     P = len(preds)
     device = model_pred.device
     out = _common.alloc((P, rows), torch.float32, device)
-    plan = _common.plan_rows(N, rows, device, _common.is_interpreted(_mse_partial_kernel))
+    row_bytes = N * (sum(p.element_size() for p in preds) + target.element_size())
+    plan = _common.plan_rows(N, rows, device, _common.is_interpreted(_mse_partial_kernel), row_bytes)
     final = plan.num_chunks == 1
     part = out if final else _common.alloc((P, rows, plan.num_chunks), torch.float32, device)
     with _common.device_guard(model_pred):
