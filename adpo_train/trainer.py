@@ -86,6 +86,14 @@ def quiet_libraries() -> None:
 def train(args: Namespace) -> dict:
     """Train; returns ``dict(lora=..., metrics=..., plot=..., global_step=...)``."""
     quiet_libraries()
+    threads = torch.get_num_threads()
+    try:
+        return _train(args)
+    finally:
+        torch.set_num_threads(threads)  # --cpu_threads must not leak into a caller's process
+
+
+def _train(args: Namespace) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler

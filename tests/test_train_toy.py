@@ -112,3 +112,17 @@ def test_no_downloads_for_a_missing_model(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="never downloads"):
         check_local_model("runwayml/stable-diffusion-v1-5")
+
+
+def test_local_model_and_dataset_flow_through_the_cli(tmp_path):
+    """make-toy -> `adpo-train cache` -> train from the cache: the documented local-data workflow."""
+    from adpo_train.cli import main
+
+    assert main(["make-toy", str(tmp_path / "toy"), "--toy_pairs", "12"]) == 0
+    model, data = str(tmp_path / "toy" / "model"), str(tmp_path / "toy" / "data")
+    assert main(["cache", "--pretrained_model_name_or_path", model, "--dataset_name", data,
+                 "--latent_cache", str(tmp_path / "cache"), "--resolution", "32", "--device", "cpu"]) == 0
+    assert main(["train", "--pretrained_model_name_or_path", model, "--latent_cache", str(tmp_path / "cache"),
+                 "--output_dir", str(tmp_path / "out"), "--train_batch_size", "4", "--max_train_steps", "2"]
+                + FAST) == 0
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

@@ -1,0 +1,100 @@
+"""EMA annotators: the in-place swap gives exactly what a separately held EMA model gives."""
+import copy
+
+import pytest
+import torch
+
+import adpo_kernels as ak
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny UNet runs fastest on one thread, and CI shares 2 cores
+    yield
+    torch.set_num_threads(n)
+
+
+def _unet_with_lora():
+    from adpo_train import models, toy
+    from tests.test_train_fixtures import root
+
+    torch.manual_seed(0)
+    unet = toy.build_toy_components(f"{root()}/tok-annotators")["unet"]
+    named = models.add_lora(unet, rank=4)
+    return unet, named
+
+
+def test_swapped_annotator_logits_equal_a_separate_ema_model():
+    from adpo_train.annotators import EMAAnnotators
+
+    unet, named = _unet_with_lora()
+    names, params = [n for n, _ in named], [p for _, p in named]
+    decays = [0.9, 0.5]
+    ann = EMAAnnotators(params, names, decays)
+    # separately held EMA models: full UNet copies whose LoRA weights follow the spec's formula
+    separate = [copy.deepcopy(unet) for _ in decays]
+    sep_params = [[dict(m.named_parameters())[n] for n in names] for m in separate]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 16, 16, generator=g)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    e = torch.randn(4, 16, 32, generator=g)
+    for step in range(1, 6):
+        opt.zero_grad()
+        unet(x, t, e).sample.square().mean().backward()
+        opt.step()
+        ann.step()
+        with torch.no_grad():
+            for d, ps in zip(decays, sep_params):
+                tt = step - 1  # EMAModel: the first update copies, then min(decay, (1 + t) / (10 + t))
+                decay = 0.0 if tt == 0 else min(d, (1 + tt) / (10 + tt))
+                for s, p in zip(ps, params):
+                    s.sub_((1 - decay) * (s - p))
+    before = [p.detach().clone() for p in params]
+    noisy = torch.randn(8, 4, 16, 16, generator=g)
+    t2 = torch.randint(0, 1000, (4,), generator=g).repeat(2)
+    enc = torch.randn(4, 16, 32, generator=g).repeat(2, 1, 1)
+    target = torch.randn(4, 4, 16, 16, generator=g)
+    fwd = lambda m: m(noisy, t2, enc).sample  # noqa: E731
+    with torch.no_grad():
+        unet.disable_adapters()
+        ref = fwd(unet)
+        unet.enable_adapters()
+        swapped = ann.predict(lambda: fwd(unet))
+        held = [fwd(m) for m in separate]
+    for p, b in zip(params, before):
+        assert torch.equal(p, b), "the policy's LoRA weights must come back bit for bit"
+    for k in range(len(decays)):
+        z_swap = ak.pair_logits(swapped[k], ref, target)
+        z_held = ak.pair_logits(held[k], ref, target)
+        torch.testing.assert_close(z_swap, z_held, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(swapped[k], fwd(unet).detach()), "annotator differs from the policy"
+
+
+def test_ema_matches_diffusers_emamodel_and_round_trips():
+    from diffusers.training_utils import EMAModel
+
+    from adpo_train.annotators import EMAAnnotators
+
+    unet, named = _unet_with_lora()
+    names, params = [n for n, _ in named], [p for _, p in named]
+    ann = EMAAnnotators(params, names, [0.9999, 0.5])
+    ref = EMAModel([p for p in params], decay=0.5, foreach=False)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p) * 0.01)
+        ann.step()
+        ref.step(params)
+    for a, b in zip(ann.emas[1].shadow_params, ref.shadow_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    state, meta = ann.state_tensors(), ann.state_meta()
+    assert meta["optimization_steps"] == [4, 4]
+    other = EMAAnnotators(params, names, [0.9999, 0.5])
+    other.load(state, meta)
+    for e1, e2 in zip(ann.emas, other.emas):
+        assert e1.optimization_step == e2.optimization_step
+        assert all(torch.equal(a, b) for a, b in zip(e1.shadow_params, e2.shadow_params))
+    with pytest.raises(ValueError, match="decays"):
+        EMAAnnotators(params, names, [0.9]).load(state, {"decays": [0.9999, 0.5], "optimization_steps": [4, 4]})
