@@ -37,7 +37,8 @@ def _runs(bench: str, results_dir: Optional[str]) -> list[list[dict]]:
 
 def _title(rs: list[dict]) -> str:
     r0 = rs[0]
-    return f"{r0.get('device')} - suite {r0.get('suite')} - {r0.get('date', '')[:10]}"
+    threads = "" if r0.get("device_type") == "cuda" else f" - {r0.get('threads')} torch thread(s)"
+    return f"{r0.get('device')}{threads} - suite {r0.get('suite')} - {r0.get('date', '')[:10]}"
 
 
 def _label(r: dict) -> str:

@@ -81,7 +81,7 @@ def machine(r: dict) -> str:
     if r.get("device_type") == "cuda":
         parts.append(f"driver {r.get('driver') or '?'}, CUDA {r.get('cuda') or '?'}")
     else:
-        parts.append(f"{r.get('threads', '?')} torch threads")
+        parts.append(f"{r.get('threads', '?')} torch thread(s)")
     parts.append(f"torch {r.get('torch', '?')}, triton {r.get('triton') or '-'}, Python {r.get('python', '?')}")
     return "; ".join(parts)
 
@@ -230,6 +230,12 @@ def _cpu_goal_section(loss_runs: list[list[dict]]) -> str:
              "`compiled` and at least 5x faster than `eager`, ratios from one run", ""]
     if not runs:
         return "\n".join(lines + [f"_{NYM}_ (no `cpu-sdxl` run in bench/results/loss.csv)."])
+    lines += ["Verdicts compare medians of full fwd+bwd within one run. On a shared, loaded 2-core machine a "
+              "verdict can change from run to run (the load average is given per run and per row); with 2 "
+              "torch threads, OpenMP barriers stall whenever the other core is taken, so the 1-thread run "
+              "is the steadier comparison. `git_state` dirty means the shared working tree had uncommitted "
+              "changes (other engineers') when the run started; the backends measured are those built there "
+              "at that time.", ""]
     for rs in runs:
         lines.append(_run_heading(rs))
         lines.append("")
@@ -368,7 +374,8 @@ def page(results_dir: Optional[str] = None) -> str:
         "speedups over those providers in the same run (> 1 is faster). GB/s and `% of floor` count only the "
         "bytes that must move (forward: model, reference, annotators and the shared target read once; "
         "backward: model and target read, gradient written; full: both) against the device-copy bandwidth "
-        "measured in the same run. Peak extra memory excludes the inputs and the returned gradient. "
+        "measured at the start of the same run (on a loaded CPU that copy can come out low, which puts some "
+        "rows above 100%). Peak extra memory excludes the inputs and the returned gradient. "
         "Launches (GPU kernels, memsets, copies) and allocated bytes come from one call under the torch "
         "profiler. Config: `AdaptiveDPOConfig.paper()`, shared target, K annotators.",
         "",
