@@ -3,7 +3,8 @@
 On a machine without a GPU the kernels run in the Triton interpreter on CPU tensors
 (tests/conftest.py sets TRITON_INTERPRET=1); each program costs milliseconds there, so the
 shapes are small, chosen so that rows split into several chunks with a ragged last
-block.  With a GPU the same checks also run natively (``test_cuda_*``).
+block.  On a GPU machine (no interpreter) the same tests run natively on CUDA tensors, and
+the ``test_cuda_*`` tests add bigger shapes, 4000 pairs and tensors over 2^31 elements.
 
 Tolerance: the fused result may be at most twice as far from the float64 reference
 (run on the same, already rounded, inputs) as the torch reference run in the input
@@ -35,6 +36,17 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (the inte
 
 triton_reasons = BACKENDS["triton"].unavailable()
 pytestmark = pytest.mark.skipif(bool(triton_reasons), reason=f"triton backend unusable: {triton_reasons}")
+if not triton_reasons:
+    from adpo_kernels.triton import _common, mse as _mse_module
+
+    INTERPRETED = _common.is_interpreted(_mse_module._mse_partial_kernel)
+else:
+    INTERPRETED = False
+# The suite runs on CPU tensors in the interpreter, natively on the GPU otherwise.
+DEVICE = "cpu" if INTERPRETED else "cuda"
+needs_device = pytest.mark.skipif(not INTERPRETED and not HAS_CUDA,
+                                  reason="no GPU and the Triton interpreter is off (TRITON_INTERPRET != 1)")
+interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="runs on CPU tensors in the Triton interpreter")
 
 
 def _run(backend, model, ref, target, annots, cfg, ready):
@@ -44,8 +56,9 @@ def _run(backend, model, ref, target, annots, cfg, ready):
     return out, model.grad
 
 
-def compare(cfg, ready, B, S, dtype, K, shared, seed=0, device="cpu"):
+def compare(cfg, ready, B, S, dtype, K, shared, seed=0, device=None):
     """Triton vs float64 reference, with the same-dtype torch reference as the yardstick."""
+    device = device or DEVICE
     model, ref, target, annots = make_inputs(B, S, dtype, K=K, shared_target=shared, seed=seed, device=device)
     out_t, grad_t = _run("triton", model, ref, target, annots, cfg, ready)
     out_s, grad_s = _run("torch", model, ref, target, annots, cfg, ready)
@@ -68,6 +81,7 @@ def compare(cfg, ready, B, S, dtype, K, shared, seed=0, device="cpu"):
 
 # -- every option combination -----------------------------------------------------------
 
+@needs_device
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name,cfg,ready", GRID, ids=GRID_IDS)
 def test_config_grid(name, cfg, ready, dtype):
@@ -75,6 +89,7 @@ def test_config_grid(name, cfg, ready, dtype):
     compare(cfg, ready, B=10, S=(3, 7), dtype=dtype, K=2, shared=True, seed=1)
 
 
+@needs_device
 @pytest.mark.parametrize("K", [0, 1, 3])
 @pytest.mark.parametrize("name,cfg,ready", GRID, ids=GRID_IDS)
 def test_config_grid_annotators(name, cfg, ready, K):
@@ -94,6 +109,7 @@ SHAPE_CASES = [(B, S, shared, DTYPES[i % 3], i % 4)
 @pytest.mark.parametrize("B,S,shared,dtype,K", SHAPE_CASES,
                          ids=[f"B{c[0]}-N{torch.Size(c[1]).numel()}-{'shared' if c[2] else 'full'}-"
                               f"{str(c[3])[6:]}-K{c[4]}" for c in SHAPE_CASES])
+@needs_device
 def test_awkward_shapes(B, S, shared, dtype, K):
     cfg = AdaptiveDPOConfig(beta=300.0, rho=40.0, margin_type="quadratic", logits_normalize=True,
                             std_standardize=True, flip_ratio=0.5, flip_threshold=0.0)
@@ -101,16 +117,18 @@ def test_awkward_shapes(B, S, shared, dtype, K):
     assert out.logits.shape == (B,) and out.model_mse.shape == (2 * B,)
 
 
+@needs_device
 def test_many_annotators():
     """K = 7 needs two reduction launches (six predictions per launch)."""
     cfg = AdaptiveDPOConfig(beta=300.0, rho=40.0, logits_normalize=True, weight_normalize=True)
     compare(cfg, True, B=3, S=(600,), dtype=torch.bfloat16, K=7, shared=True, seed=7)
 
 
+@needs_device
 def test_strided_and_stacked_inputs():
     """Non-contiguous model_pred, annotators as one (K, 2B, *S) tensor."""
     cfg = AdaptiveDPOConfig.paper()
-    model, ref, target, annots = make_inputs(4, (6, 10), torch.float32, K=2, seed=11)
+    model, ref, target, annots = make_inputs(4, (6, 10), torch.float32, K=2, seed=11, device=DEVICE)
     stacked = torch.stack(annots)
     m_nc = model.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
     assert not m_nc.is_contiguous()
@@ -118,6 +136,7 @@ def test_strided_and_stacked_inputs():
     out_t.loss.backward()
     out_d, grad_d = _run("torch", model.double(), ref.double(), target.double(),
                          [a.double() for a in annots], cfg, True)
+    assert m_nc.grad.device == model.device
     assert_close(out_t.loss, out_d.loss, 1e-6, 1e-5, "loss")
     assert_close(out_t.metric, out_d.metric, 1e-6, 1e-5, "metric")
     assert_close(m_nc.grad, grad_d, 1e-7, 1e-5, "grad")
@@ -129,15 +148,16 @@ def _mse_of(model, ref, target, annots):
     """(2 + K, 2, B) float32 MSEs computed by torch (the scalar stage's input)."""
     rows = model.shape[0]
     mse = torch.stack([ak.reference.row_mse(p.double(), target.double()) for p in [model, ref, *annots]])
-    return mse.float().view(len(annots) + 2, 2, rows // 2)
+    return mse.float().view(len(annots) + 2, 2, rows // 2).to(DEVICE)
 
 
 def _pairs(mse, offset, num_pairs, cfg, ready, model, target):
     f, i = cfg.op_params(ready)
-    return torch.ops.adpo.triton_pairs(mse, model.reshape(model.shape[0], -1),
-                                       target.reshape(target.shape[0], -1), offset, num_pairs, f, i)
+    return torch.ops.adpo.triton_pairs(mse, model.detach().reshape(model.shape[0], -1).to(mse.device),
+                                       target.reshape(target.shape[0], -1).to(mse.device), offset, num_pairs, f, i)
 
 
+@needs_device
 @pytest.mark.parametrize("name", ["flip", "all-opts", "ipo-quadratic"])
 def test_pairs_large_batch(name):
     """B = 3000 pairs (several blocks of the one-program scalar stage), flip quantile exact."""
@@ -169,6 +189,7 @@ def _mse_rows_as_inputs(mse):
     return preds[0].clone().requires_grad_(True), preds[1], target, preds[2:]
 
 
+@needs_device
 def test_pairs_sync_stats_slices():
     """Two simulated processes: each owns a slice, statistics over the gathered batch."""
     cfg = AdaptiveDPOConfig(beta=400.0, rho=30.0, logits_normalize=True, weight_normalize=True,
@@ -213,6 +234,7 @@ def _sync_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
+@interpreter_only
 def test_sync_stats_two_processes(tmp_path):
     """Two gloo processes with 3 and 4 pairs reproduce one process with 7 (statistics global)."""
     import socket
@@ -241,19 +263,19 @@ def _everything(model, ref, target, annots, cfg):
     return [getattr(out, f) for f in FIELDS] + [grad]
 
 
+@needs_device
 def test_bitwise_deterministic():
     cfg = AdaptiveDPOConfig(beta=300.0, rho=40.0, logits_normalize=True, flip_ratio=0.3, flip_threshold=0.0)
-    inputs = make_inputs(5, (1031,), torch.bfloat16, K=3, seed=9)
+    inputs = make_inputs(5, (1031,), torch.bfloat16, K=3, seed=9, device=DEVICE)
     a, b = _everything(*inputs, cfg), _everything(*inputs, cfg)
     for name, x, y in zip(FIELDS + ("grad",), a, b):
         assert torch.equal(x, y), f"{name} differs between two identical runs"
 
 
+@needs_device
 def test_poisoned_outputs_are_overwritten(monkeypatch):
-    from adpo_kernels.triton import _common
-
     cfg = AdaptiveDPOConfig.paper(flip_ratio=0.3, flip_threshold=0.0)
-    inputs = make_inputs(5, (600,), torch.float16, K=2, seed=10)
+    inputs = make_inputs(5, (600,), torch.float16, K=2, seed=10, device=DEVICE)
     clean = _everything(*inputs, cfg)
     real_alloc = _common.alloc
     monkeypatch.setattr(_common, "alloc", lambda *a: real_alloc(*a).fill_(float("nan")))
@@ -263,7 +285,8 @@ def test_poisoned_outputs_are_overwritten(monkeypatch):
         assert torch.equal(x, y), f"{name}: differs after poisoning"
 
 
-def _op_samples(dtype=torch.float32, device="cpu"):
+def _op_samples(dtype=torch.float32, device=None):
+    device = device or DEVICE
     model, ref, target, annots = make_inputs(3, (300,), dtype, K=2, seed=12, device=device)
     m2, r2, t2 = model.detach().reshape(6, -1), ref.reshape(6, -1), target.reshape(3, -1)
     a2 = [a.reshape(6, -1) for a in annots]
@@ -280,14 +303,16 @@ def _op_samples(dtype=torch.float32, device="cpu"):
     ]
 
 
+@needs_device
 @pytest.mark.parametrize("idx", range(5))
 def test_opcheck(idx):
     op, args = _op_samples()[idx]
     torch.library.opcheck(op, args)
 
 
+@needs_device
 def test_op_argument_errors():
-    m, r, t = torch.randn(4, 8), torch.randn(4, 8), torch.randn(3, 8)
+    m, r, t = (torch.randn(n, 8, device=DEVICE) for n in (4, 4, 3))
     with pytest.raises(ValueError, match="target"):
         torch.ops.adpo.triton_mse(m, r, t, [])
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
@@ -298,8 +323,9 @@ def test_op_argument_errors():
         torch.ops.adpo.triton_pairs(mse, m, t[:2], 1, 2, f, i)
 
 
+@needs_device
 def test_pair_logits_and_public_api():
-    model, ref, target, _ = make_inputs(4, (33,), torch.float16, seed=13)
+    model, ref, target, _ = make_inputs(4, (33,), torch.float16, seed=13, device=DEVICE)
     z = ak.pair_logits(model, ref, target, backend="triton")
     z_ref = ak.pair_logits(model.double(), ref.double(), target.double(), backend="torch")
     assert z.dtype == torch.float32
@@ -310,11 +336,11 @@ def test_pair_logits_and_public_api():
         ak.adaptive_dpo_loss(model.double(), ref.double(), target.double(), backend="triton")
 
 
-def test_compile_fullgraph_interpreter():
-    """torch.compile(fullgraph=True) sees the ops as opaque nodes (fake impls, autograd)."""
+@needs_device
+def test_compile_fullgraph():
+    """torch.compile(fullgraph=True) of a training step: the ops are opaque nodes (fake impls, autograd)."""
     torch._dynamo.reset()
-    cfg = AdaptiveDPOConfig.paper()
-    _compile_step_check(cfg, device="cpu")
+    _compile_step_check(AdaptiveDPOConfig.paper(flip_ratio=0.3, flip_threshold=0.0), device=DEVICE)
 
 
 def _compile_step_check(cfg, device):
@@ -355,13 +381,6 @@ def test_kernels_compile_natively_for_sm90():
 # -- on a GPU ---------------------------------------------------------------------------------
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name,cfg,ready", GRID, ids=GRID_IDS)
-def test_cuda_config_grid(name, cfg, ready, dtype):
-    compare(cfg, ready, B=10, S=(4, 33, 17), dtype=dtype, K=2, shared=True, seed=1, device="cuda")
-
-
-@needs_cuda
 @pytest.mark.parametrize("B,S,shared,dtype,K", SHAPE_CASES + [(16, (4, 64, 64), True, torch.bfloat16, 2),
                                                              (3, (70001,), False, torch.float16, 3)])
 def test_cuda_shapes(B, S, shared, dtype, K):
@@ -381,24 +400,10 @@ def test_cuda_deterministic_and_large_batch():
 
 
 @needs_cuda
-def test_cuda_compile_fullgraph():
-    torch._dynamo.reset()
-    _compile_step_check(AdaptiveDPOConfig.paper(flip_ratio=0.3, flip_threshold=0.0), device="cuda")
-
-
-@needs_cuda
-@pytest.mark.parametrize("idx", range(5))
-def test_cuda_opcheck(idx):
-    op, args = _op_samples(device="cuda")[idx]
-    torch.library.opcheck(op, args)
-
-
-@needs_cuda
 def test_cuda_64bit_offsets():
     """More than 2^31 elements per tensor: rows at offsets beyond int32."""
-    need = 3 * 2 ** 31 * 2 + 2 ** 31 * 2  # model, ref, grad (bf16) + target, with headroom below
-    if torch.cuda.get_device_properties(0).total_memory < need + (8 << 30):
-        pytest.skip("needs about 24 GB of GPU memory")
+    if torch.cuda.get_device_properties(0).total_memory < (40 << 30):
+        pytest.skip("needs about 30 GB of GPU memory (bf16 model, ref, grad of 2^31 elements + temporaries)")
     B, N = 1, 2 ** 30 + 17  # 2B * N > 2^31
     g = torch.Generator(device="cuda").manual_seed(0)
     target = torch.randn(B, N, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -412,7 +417,7 @@ def test_cuda_64bit_offsets():
         exp = torch.stack([sum(((x[r, s:s + 2 ** 28].double() - target[0, s:s + 2 ** 28].double()) ** 2).sum()
                                for s in range(0, N, 2 ** 28)) / N for r in range(2 * B)])
         got = out.model_mse if name == "model" else out.ref_mse
-        assert_close(got, exp, 0.0, 1e-5, f"{name}_mse")
+        assert_close(got, exp, 0.0, 1e-4, f"{name}_mse")  # fp32 sums of ~1000 terms per lane
     z = (out.ref_mse[0] - out.ref_mse[1]) - (out.model_mse[0] - out.model_mse[1])
     g0 = -100.0 * torch.sigmoid(-100.0 * z)  # d loss / d z for B = 1
     tail = slice(N - 1000, N)
