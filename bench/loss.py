@@ -208,11 +208,14 @@ def _first_call(f, inputs, cfg, check: bool, device) -> tuple[float, Optional[fl
 # --------------------------------------------------------------------------------------
 # one case
 # --------------------------------------------------------------------------------------
+def _base_row(case: Case, suite: str) -> dict:
+    return {"bench": "loss", "suite": suite, "shape": case.shape, "B": case.B, "S": "x".join(map(str, case.S)),
+            "K": case.K, "target": "shared", "dtype": case.dtype, "config": "paper"}
+
+
 def _bench_case(case: Case, providers, modes, device, cfg, opts, copy_gbps, log) -> list[dict]:
     dt = DTYPES[case.dtype]
-    base = {"bench": "loss", "suite": opts["suite"], "shape": case.shape, "B": case.B,
-            "S": "x".join(map(str, case.S)), "K": case.K, "target": "shared", "dtype": case.dtype,
-            "config": "paper", "copy_gbps": copy_gbps, "load_now": _load()}
+    base = {**_base_row(case, opts["suite"]), "copy_gbps": copy_gbps, "load_now": _load()}
     cap = (4 << 30) if device.type == "cuda" else (1 << 30)
     n_sets = harness.rotation_sets(case.set_bytes(), device, cap, max_sets=opts.get("max_sets", 32))
     sets = [make_inputs(case, device, seed) for seed in range(n_sets)]
@@ -388,9 +391,7 @@ def run(args: argparse.Namespace, env: dict, log=print) -> list[dict]:
         log(f"{case.shape} B={case.B} S={case.S} K={case.K} {case.dtype}")
         if args.time_budget and time.perf_counter() - t_start > args.time_budget:
             reason = f"time budget of {args.time_budget:.0f} s spent before this case started"
-            base = {"bench": "loss", "suite": suite_name, "shape": case.shape, "B": case.B,
-                    "S": "x".join(map(str, case.S)), "K": case.K, "target": "shared", "dtype": case.dtype,
-                    "config": "paper", "status": "skipped", "reason": reason}
+            base = {**_base_row(case, suite_name), "status": "skipped", "reason": reason}
             rows += [{**base, "provider": p, "mode": m} for p in providers for m in modes]
             log(f"  skipped: {reason}")
             continue
