@@ -198,7 +198,8 @@ def test_pairs_sync_stats_slices():
     model, ref, target, annots = make_inputs(B, (5,), torch.float32, K=K, seed=8)
     mse = _mse_of(model, ref, target, annots)
     full = _pairs(mse, 0, B, cfg, True, model, target)
-    parts = [_pairs(mse, 0, 4, cfg, True, model, target), _pairs(mse, 4, 5, cfg, True, model, target)]
+    rows = lambda x, lo, hi: torch.cat([x[lo:hi], x[B + lo:B + hi]])  # noqa: E731
+    parts = [_pairs(mse, lo, hi - lo, cfg, True, rows(model, lo, hi), target[lo:hi]) for lo, hi in ((0, 4), (4, 9))]
     for k in (1, 2, 3, 4):  # logits, metric, weights, margin: the slices of the whole
         assert torch.equal(torch.cat([parts[0][k], parts[1][k]]), full[k])
     # loss / acc are local means, g carries 1 / num_pairs
@@ -298,7 +299,8 @@ def _op_samples(dtype=torch.float32, device=None):
         (torch.ops.adpo.triton_mse.default, (m2, r2, t2, [])),
         (torch.ops.adpo.triton_pairs.default,
          (mse.view(4, 2, 3), m2.clone().requires_grad_(True), t2, 0, 3, f, i)),
-        (torch.ops.adpo.triton_pairs.default, (mse.view(4, 2, 3), m2, t2, 1, 2, f, i)),
+        (torch.ops.adpo.triton_pairs.default,  # pairs 1 and 2 of 3: this process's rows only
+         (mse.view(4, 2, 3), m2[[1, 2, 4, 5]].clone().requires_grad_(True), t2[1:3], 1, 2, f, i)),
         (torch.ops.adpo.triton_pairs_bwd.default, (torch.tensor(1.5, device=device), g, m2, t2)),
     ]
 
@@ -321,6 +323,8 @@ def test_op_argument_errors():
     f, i = AdaptiveDPOConfig().op_params(True)
     with pytest.raises(ValueError, match="local pairs"):
         torch.ops.adpo.triton_pairs(mse, m, t[:2], 1, 2, f, i)
+    with pytest.raises(ValueError, match="2 \\* num_pairs"):
+        torch.ops.adpo.triton_pairs(mse, m, t[:2], 0, 1, f, i)
 
 
 @needs_device

@@ -29,7 +29,7 @@ def _mse_impl(model_pred, ref_pred, target, annotators):
 
 
 def _pairs_impl(mse, model_pred, target, offset, num_pairs, fparams, iparams):
-    return pairs_forward(mse, offset, num_pairs, fparams, iparams)
+    return pairs_forward(mse, model_pred, target, offset, num_pairs, fparams, iparams)
 
 
 def _pairs_bwd_impl(grad_loss, grad_coef, model_pred, target):

@@ -259,10 +259,15 @@ def kernel_meta(K1: int, Bg: int, iparams: Sequence[int], interpret: bool) -> tu
     return consts, 8 if BB * KP >= 2048 else 4
 
 
-def pairs_forward(mse: torch.Tensor, offset: int, num_pairs: int, fparams: Sequence[float], iparams: Sequence[int]):
-    """The launcher of ``adpo::triton_pairs`` (``model_pred`` / ``target`` are not read)."""
+def pairs_forward(mse: torch.Tensor, model_pred: torch.Tensor, target: torch.Tensor, offset: int, num_pairs: int,
+                  fparams: Sequence[float], iparams: Sequence[int]):
+    """The launcher of ``adpo::triton_pairs``; ``model_pred`` / ``target`` are only shape-checked
+    (the backward reads them)."""
     op = "triton_pairs"
     _common.check_device(_pairs_kernel, mse, op)
+    if model_pred.shape[0] != 2 * num_pairs or target.shape[0] not in (num_pairs, 2 * num_pairs):
+        raise ValueError(f"adpo::{op}: model_pred must have 2 * num_pairs = {2 * num_pairs} rows and target "
+                         f"{num_pairs} or {2 * num_pairs}, got {tuple(model_pred.shape)} and {tuple(target.shape)}")
     if mse.dim() != 3 or mse.shape[1] != 2 or mse.shape[0] < 2 or mse.dtype != torch.float32:
         raise ValueError(f"adpo::{op}: mse must be a (2 + K, 2, B) float32 tensor, got "
                          f"{tuple(mse.shape)} {mse.dtype}")
