@@ -38,6 +38,7 @@ ADPO_DECLARE_CPU_KERNELS(isa_default)
 #if defined(__x86_64__) || defined(_M_X64)
 #define ADPO_HAVE_AVX2_KERNELS 1
 ADPO_DECLARE_CPU_KERNELS(isa_avx2)
+ADPO_DECLARE_CPU_KERNELS(isa_avx512)
 #endif
 
 }  // namespace adpo::cpu

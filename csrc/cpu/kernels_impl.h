@@ -90,13 +90,21 @@ void sumsq_diff_group(const T* const* p, int64_t np, const T* t, int64_t len, ac
   }
 }
 
-// Store a full vector to 32-byte aligned memory, bypassing the cache where the ISA allows
-// (AVX2 streaming stores): the gradient is written once and not read back here, and a
+// Store a full vector to vector-aligned memory, bypassing the cache where the ISA allows
+// (AVX2 / AVX-512 streaming stores): the gradient is written once and not read back here, and a
 // streaming store skips the read-for-ownership of every line, a third of the backward's
 // DRAM traffic.  Callers fence with stream_fence() before the data is used elsewhere.
 template <typename T, typename V>
 inline void store_stream(T* ptr, const V& v) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(ptr, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm512_stream_pd(ptr, v);
+  } else {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(ptr), v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
     _mm256_stream_ps(ptr, v);
   } else if constexpr (std::is_same_v<T, double>) {
@@ -110,7 +118,7 @@ inline void store_stream(T* ptr, const V& v) {
 }
 
 inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   _mm_sfence();
 #endif
 }
@@ -148,7 +156,8 @@ void scale_diff_impl(T* __restrict__ out, const T* __restrict__ p, const T* __re
 
 template <typename T>
 void scale_diff(T* out, const T* p, const T* t, int64_t len, acc_of<T> coef) {
-  if (reinterpret_cast<uintptr_t>(out) % 32 == 0) {
+  // streaming stores need vector-aligned rows (at::empty aligns to 64 bytes)
+  if (reinterpret_cast<uintptr_t>(out) % sizeof(at::vec::Vectorized<acc_of<T>>) == 0) {
     scale_diff_impl<T, true>(out, p, t, len, coef);
   } else {
     scale_diff_impl<T, false>(out, p, t, len, coef);

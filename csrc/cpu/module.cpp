@@ -10,7 +10,7 @@ const char* cpu_isa();
 static PyObject* adpo_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(adpo::cpu::cpu_isa()); }
 
 static PyMethodDef adpo_methods[] = {
-    {"cpu_isa", adpo_cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels: 'avx2' or 'default'."},
+    {"cpu_isa", adpo_cpu_isa, METH_NOARGS, "Instruction set of the CPU kernels: 'avx512', 'avx2' or 'default'."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef adpo_module = {PyModuleDef_HEAD_INIT, "_C",

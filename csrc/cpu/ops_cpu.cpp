@@ -26,33 +26,39 @@ namespace adpo::cpu {
 
 namespace {
 
-bool detect_avx2() {
+enum class Isa { Default, Avx2, Avx512 };
+
+// ATen's capability honours ATEN_CPU_CAPABILITY (default / avx2 / avx512), which tests use
+// to cover every path; the cpuid checks guard against a capability string we misread.
+Isa detect_isa() {
 #if defined(ADPO_HAVE_AVX2_KERNELS)
-  // ATen's capability honours ATEN_CPU_CAPABILITY=default, which tests use to cover the
-  // portable path; the cpuid check guards against a capability string we misread.
   const std::string cap = at::get_cpu_capability();
-  return (cap == "AVX2" || cap == "AVX512") && __builtin_cpu_supports("avx2") &&
-         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (cap == "AVX512" && avx512) return Isa::Avx512;
+  if ((cap == "AVX2" || cap == "AVX512") && avx2) return Isa::Avx2;
 #endif
+  return Isa::Default;
 }
 
-bool use_avx2() {
-  static const bool v = detect_avx2();
+Isa cpu_isa_cached() {
+  static const Isa v = detect_isa();
   return v;
 }
 
 void run_mse_partials(at::ScalarType dt, const MseArgs& a) {
 #if defined(ADPO_HAVE_AVX2_KERNELS)
-  if (use_avx2()) return isa_avx2::mse_partials(dt, a);
+  if (cpu_isa_cached() == Isa::Avx512) return isa_avx512::mse_partials(dt, a);
+  if (cpu_isa_cached() == Isa::Avx2) return isa_avx2::mse_partials(dt, a);
 #endif
   isa_default::mse_partials(dt, a);
 }
 
 void run_pairs_bwd(at::ScalarType dt, const BwdArgs& a) {
 #if defined(ADPO_HAVE_AVX2_KERNELS)
-  if (use_avx2()) return isa_avx2::pairs_bwd(dt, a);
+  if (cpu_isa_cached() == Isa::Avx512) return isa_avx512::pairs_bwd(dt, a);
+  if (cpu_isa_cached() == Isa::Avx2) return isa_avx2::pairs_bwd(dt, a);
 #endif
   isa_default::pairs_bwd(dt, a);
 }
@@ -210,7 +216,13 @@ at::Tensor pairs_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_coe
   return grad;
 }
 
-const char* cpu_isa() { return use_avx2() ? "avx2" : "default"; }
+const char* cpu_isa() {
+  switch (cpu_isa_cached()) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "default";
+  }
+}
 
 }  // namespace adpo::cpu
 
