@@ -82,3 +82,69 @@ class EMAAnnotators:
             for name, s in zip(self.names, ema.shadow_params):
                 s.copy_(tensors[f"ema{k}.{name}"])
             ema.optimization_step = int(meta["optimization_steps"][k])
+
+
+class MixedBatchAnnotators(EMAAnnotators):
+    """The same EMA annotators, held as extra (frozen) peft LoRA adapters of the UNet, so that the
+    reference and every annotator run as ONE no-grad forward over ``(1 + K) * 2B`` rows with
+    per-row adapter selection (peft's mixed-batch LoRA forward: the base layer runs once over all
+    rows, each adapter's low-rank update only over its rows; ``"__base__"`` rows get none, which
+    is the reference).  The ``EMAModel`` shadows *are* the adapter weights (updated in place),
+    so nothing is swapped and no backup is kept.
+
+    ``adapter_names`` is routed to the LoRA layers by forward pre-hooks registered once; they read
+    :attr:`names` (``None`` outside :meth:`predict_with_reference`), so a compiled UNet sees two
+    stable states and never recompiles per step.  LoRA mode only (a full fine-tune has no adapters).
+    """
+
+    PREFIX = "adpo_ema"
+
+    def __init__(self, unet, params, names, decays):
+        import copy
+
+        from peft.tuners.lora import LoraLayer
+
+        super().__init__(params, names, decays)
+        self._backup = []
+        cfg = unet.peft_config["default"]
+        self.adapter_names = [f"{self.PREFIX}{k}" for k in range(len(self.decays))]
+        for name in self.adapter_names:
+            unet.add_adapter(copy.deepcopy(cfg), adapter_name=name)
+        unet.set_adapter("default")
+        by_name = dict(unet.named_parameters())
+        for k, (ema, name) in enumerate(zip(self.emas, self.adapter_names)):
+            shadow = []
+            for pname, s in zip(self.names, ema.shadow_params):
+                p = by_name[pname.replace(".default.", f".{name}.")]
+                p.requires_grad_(False)
+                p.data = s.detach().clone().to(p.device)  # fp32, like the policy's LoRA parameters
+                shadow.append(p.data)
+            ema.shadow_params = shadow
+        for p in params:
+            p.requires_grad_(True)
+        self.names_now = None
+        self._hooks = [m.register_forward_pre_hook(self._route, with_kwargs=True)
+                       for m in unet.modules() if isinstance(m, LoraLayer)]
+
+    def _route(self, module, args, kwargs):
+        if self.names_now is None:
+            return None
+        return args, {**kwargs, "adapter_names": self.names_now}
+
+    @torch.no_grad()
+    def predict_with_reference(self, forward: Callable[..., torch.Tensor], rows: int, *inputs):
+        """``(reference, [annotator k])`` from one forward of ``forward(*repeated inputs)``."""
+        groups = ["__base__"] + self.adapter_names
+        self.names_now = [g for g in groups for _ in range(rows)]
+        try:
+            out = forward(*[None if x is None else _repeat_rows(x, len(groups)) for x in inputs])
+        finally:
+            self.names_now = None
+        chunks = out.split(rows)
+        return chunks[0], list(chunks[1:])
+
+
+def _repeat_rows(x, n):
+    if isinstance(x, dict):
+        return {k: _repeat_rows(v, n) for k, v in x.items()}
+    return x.repeat(n, *([1] * (x.dim() - 1)))

@@ -2,8 +2,11 @@
 
 Output folder: ``shard-NNNNN.safetensors`` files with ``latents`` ``(n, 2, C, h, w)``
 (winner, loser; already multiplied by the VAE scaling factor), ``text`` ``(n, L, D)``
-(last hidden state of the text encoder), ``flipped`` ``(n,)`` and ``row`` ``(n,)`` (row
-in the source table), plus ``index.json`` (shards, counts of ties and corrupt pairs,
+(last hidden state of the text encoder; SDXL: both encoders' penultimate states,
+concatenated), ``flipped`` ``(n,)`` and ``row`` ``(n,)`` (row in the source table); SDXL
+models (a ``text_encoder_2`` folder) add ``pooled`` ``(n, P)`` (the second encoder's
+projected embedding) and ``time_ids`` ``(n, 2, 6)`` (per image: original size, crop
+top-left, target size), plus ``index.json`` (shards, counts of ties and corrupt pairs,
 the flip record, the model, the resolution).  The folder is written under a temporary
 name and renamed when complete.  Training from the cache never runs the VAE or the
 text encoder.
@@ -17,7 +20,7 @@ import time
 
 import torch
 
-from .data import CACHE_INDEX, PickAPicPairs, decode_image, tokenize
+from .data import CACHE_INDEX, PickAPicPairs, decode_image
 
 
 @torch.no_grad()
@@ -40,13 +43,12 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
                 variant=None, log=print) -> dict:
     from safetensors.torch import save_file
 
-    from .models import load_encoders
+    from .models import load_text_encoders, load_vae, time_ids
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     store_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    vae, text_encoder, tokenizer = load_encoders(model_path, variant)
-    vae.to(device)
-    text_encoder.to(device)
+    vae = load_vae(model_path, variant).to(device)
+    encoders = load_text_encoders(model_path, variant).to(device)
     pairs = PickAPicPairs(dataset_path, split, flip_ratio, flip_seed, max_pairs)
     gen = torch.Generator(device=device).manual_seed(seed)
     tmp = out_dir.rstrip("/") + ".tmp"
@@ -57,10 +59,14 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
 
     def flush_buffer():
         pix = torch.stack([b[0] for b in buf])
-        ids = torch.stack([b[1] for b in buf])
-        return encode_images(vae, pix, gen).to(store_dtype).cpu(), encode_text(text_encoder, ids).to(store_dtype).cpu()
+        ids = {k: torch.stack([b[1][k] for b in buf]) for k in buf[0][1]}
+        text, pooled = encoders.encode(**ids)
+        if pooled is not None:
+            pooled_acc.append(pooled.to(store_dtype).cpu())
+            tid_acc.append(torch.stack([b[4] for b in buf]))
+        return encode_images(vae, pix, gen).to(store_dtype).cpu(), text.to(store_dtype).cpu()
 
-    lat_acc, txt_acc, meta_acc = [], [], []
+    lat_acc, txt_acc, meta_acc, pooled_acc, tid_acc = [], [], [], [], []
 
     def write_shard():
         if not lat_acc:
@@ -68,18 +74,23 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
         name = f"shard-{len(shards):05d}.safetensors"
         fl = torch.tensor([m[1] for m in meta_acc], dtype=torch.uint8)
         rows = torch.tensor([m[0] for m in meta_acc], dtype=torch.int64)
-        save_file({"latents": torch.cat(lat_acc).contiguous(), "text": torch.cat(txt_acc).contiguous(),
-                   "flipped": fl, "row": rows}, os.path.join(tmp, name))
+        tensors = {"latents": torch.cat(lat_acc).contiguous(), "text": torch.cat(txt_acc).contiguous(),
+                   "flipped": fl, "row": rows}
+        if pooled_acc:
+            tensors.update(pooled=torch.cat(pooled_acc).contiguous(), time_ids=torch.cat(tid_acc).contiguous())
+        save_file(tensors, os.path.join(tmp, name))
         shards.append({"file": name, "num_pairs": len(meta_acc)})
-        lat_acc.clear(), txt_acc.clear(), meta_acc.clear()
+        lat_acc.clear(), txt_acc.clear(), meta_acc.clear(), pooled_acc.clear(), tid_acc.clear()
 
     for i in range(len(pairs)):
         r = pairs.raw(i)
-        w, l = decode_image(r["winner"], resolution), decode_image(r["loser"], resolution)
+        (w, wm), (l, lm) = (decode_image(r[k], resolution, with_meta=True) for k in ("winner", "loser"))
         if w is None or l is None:
             num_corrupt += 1
             continue
-        buf.append((torch.stack([w, l]), tokenize(tokenizer, [r["caption"]])[0], r["row"], r["flipped"]))
+        tids = torch.stack([time_ids(m[0], m[1], resolution) for m in (wm, lm)])
+        ids = {k: v[0] for k, v in encoders.tokenize([r["caption"]]).items()}
+        buf.append((torch.stack([w, l]), ids, r["row"], r["flipped"], tids))
         if len(buf) == batch_size or i == len(pairs) - 1:
             lat, txt = flush_buffer()
             lat_acc.append(lat), txt_acc.append(txt)
@@ -98,7 +109,7 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
             "dataset": os.path.abspath(dataset_path), "split": split, "resolution": resolution,
             "scaling_factor": float(vae.config.scaling_factor), "dtype": dtype, "seed": seed,
             "num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": num_corrupt,
-            "num_pairs": sum(s["num_pairs"] for s in shards), "shards": shards,
+            "num_pairs": sum(s["num_pairs"] for s in shards), "shards": shards, "sdxl": encoders.sdxl,
             "flip_ratio": flip_ratio, "flip_seed": flip_seed,
             "flipped_pairs": [k for k, f in enumerate(kept_flipped) if f],
             "flipped_rows": [r for r, f in zip(kept_rows, kept_flipped) if f]}

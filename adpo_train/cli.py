@@ -73,6 +73,23 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--toy_pairs", type=int, default=256, help="size of the toy preference set")
 
+    g = p.add_argument_group("scale and speed (docs/trainer.md, 'At scale')")
+    g.add_argument("--unet_config", help="random-init UNet from a config instead of pretrained weights: sd15, sdxl, "
+                   "tiny, tiny-sdxl or a config.json path (with no data: --synthetic_pairs random latents)")
+    g.add_argument("--synthetic_pairs", type=int, help="train on N random latent/text pairs of the UNet's shapes "
+                   "(throughput runs; default 256 with --unet_config and no data)")
+    g.add_argument("--full_finetune", action="store_true", help="train every UNet parameter (no LoRA); the "
+                   "reference is a frozen UNet copy and the EMA annotators cover every parameter")
+    g.add_argument("--compile", action=b, help="torch.compile the UNet (default: on with CUDA, off on CPU)")
+    g.add_argument("--compile_mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    g.add_argument("--channels_last", action=b, help="UNet weights and inputs in channels_last memory format")
+    g.add_argument("--attention", choices=["sdpa", "xformers"], default="sdpa",
+                   help="xformers only when it loads; otherwise PyTorch SDPA (diffusers' default)")
+    g.add_argument("--fused_adamw", action=b, help="AdamW(fused=True) (default: on with CUDA)")
+    g.add_argument("--batched_annotators", action=b,
+                   help="reference + EMA annotators in one mixed-batch no-grad forward (LoRA mode; default off, "
+                   "see docs/trainer.md for the measurement)")
+
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, help="preference pairs per device per micro-batch")
     g.add_argument("--gradient_accumulation_steps", type=int)
@@ -171,7 +188,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset options (explicit > preset > toy > defaults) and attach ``args.loss_config``."""
     import adpo_kernels as ak
 
-    args.toy = args.pretrained_model_name_or_path is None
+    args.toy = args.pretrained_model_name_or_path is None and args.unet_config is None
+    if args.unet_config and not (args.dataset_name or args.latent_cache) and args.synthetic_pairs is None:
+        args.synthetic_pairs = 256
+    if args.synthetic_pairs and args.unet_config is None:
+        raise SystemExit("adpo-train: --synthetic_pairs needs --unet_config")
+    if args.unet_config and not args.synthetic_pairs and args.pretrained_model_name_or_path is None:
+        raise SystemExit("adpo-train: --unet_config with data needs --pretrained_model_name_or_path for the "
+                         "scheduler/VAE/text encoders (or use --synthetic_pairs)")
     if args.toy and (args.dataset_name or args.latent_cache):
         raise SystemExit("adpo-train: --dataset_name/--latent_cache need --pretrained_model_name_or_path "
                          "(the toy set only fits the toy model)")

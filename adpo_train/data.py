@@ -90,8 +90,12 @@ def _image_bytes(value) -> Optional[bytes]:
     return None
 
 
-def decode_image(value, resolution: int) -> Optional[torch.Tensor]:
-    """``(3, R, R)`` float in [-1, 1] (shorter side resized to R, centre crop), or None if undecodable."""
+def decode_image(value, resolution: int, with_meta: bool = False):
+    """``(3, R, R)`` float in [-1, 1] (shorter side resized to R, centre crop), or None if undecodable.
+
+    ``with_meta``: ``(pixels, ((orig_h, orig_w), (crop_top, crop_left)))``, the SDXL micro-conditioning
+    of the image (crop offsets in the resized image, as diffusers' SDXL training scripts record them).
+    """
     from PIL import Image
 
     try:
@@ -99,6 +103,7 @@ def decode_image(value, resolution: int) -> Optional[torch.Tensor]:
         img = Image.open(io.BytesIO(data)) if data is not None else value
         img = img.convert("RGB")
         w, h = img.size
+        orig, top, left = (h, w), 0, 0
         s = resolution / min(w, h)
         if (w, h) != (resolution, resolution):
             img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
@@ -107,8 +112,9 @@ def decode_image(value, resolution: int) -> Optional[torch.Tensor]:
             img = img.crop((left, top, left + resolution, top + resolution))
         arr = np.asarray(img, dtype=np.float32)
     except Exception:  # noqa: BLE001 - a corrupt image must never stop training
-        return None
-    return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0)
+        return (None, None) if with_meta else None
+    pixels = torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0)
+    return (pixels, (orig, (top, left))) if with_meta else pixels
 
 
 class PickAPicPairs:
@@ -162,20 +168,33 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 class ImagePairDataset(torch.utils.data.Dataset):
-    """Decoded pixels of both images and the caption's token ids; ``None`` pixels if an image is corrupt."""
+    """Decoded pixels of both images and the caption's token ids; ``None`` pixels if an image is corrupt.
+
+    ``tokenizer``: a CLIP tokenizer, or a :class:`adpo_train.models.TextEncoders` (SDXL: both
+    tokenizers' ids and per-image ``time_ids`` ``(2, 6)``).
+    """
 
     def __init__(self, pairs: PickAPicPairs, tokenizer, resolution: int):
         self.pairs, self.tokenizer, self.resolution = pairs, tokenizer, resolution
+        self.sdxl = bool(getattr(tokenizer, "sdxl", False))
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict:
+        from .models import time_ids
+
         r = self.pairs.raw(i)
-        w, l = decode_image(r["winner"], self.resolution), decode_image(r["loser"], self.resolution)
+        (w, wm), (l, lm) = (decode_image(r[k], self.resolution, with_meta=True) for k in ("winner", "loser"))
         pixels = None if w is None or l is None else torch.stack([w, l])
-        return {"pixels": pixels, "input_ids": tokenize(self.tokenizer, [r["caption"]])[0], "index": i,
-                "flipped": r["flipped"]}
+        if hasattr(self.tokenizer, "tok1"):  # TextEncoders
+            item = {k: v[0] for k, v in self.tokenizer.tokenize([r["caption"]]).items()}
+        else:
+            item = {"input_ids": tokenize(self.tokenizer, [r["caption"]])[0]}
+        if self.sdxl and pixels is not None:
+            item["time_ids"] = torch.stack([time_ids(m[0], m[1], self.resolution) for m in (wm, lm)])
+        item.update(pixels=pixels, index=i, flipped=r["flipped"])
+        return item
 
 
 def collate_images(items: list[dict]) -> dict:
@@ -183,9 +202,11 @@ def collate_images(items: list[dict]) -> dict:
     out = {"num_corrupt": len(items) - len(good), "num_pairs": len(good)}
     if good:
         out.update(pixels=torch.stack([it["pixels"] for it in good]),
-                   input_ids=torch.stack([it["input_ids"] for it in good]),
                    index=torch.tensor([it["index"] for it in good]),
                    flipped=torch.tensor([it["flipped"] for it in good]))
+        for key in ("input_ids", "input_ids_2", "time_ids"):
+            if key in good[0]:
+                out[key] = torch.stack([it[key] for it in good])
     return out
 
 
@@ -211,6 +232,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
         self.counts = [s["num_pairs"] for s in self.meta["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self._handles: dict[int, object] = {}
+        self._key_sets: dict[int, set] = {}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -231,8 +253,17 @@ class CachedPairDataset(torch.utils.data.Dataset):
         s = int(np.searchsorted(self.offsets, i, side="right") - 1)
         j = i - int(self.offsets[s])
         f = self._shard(s)
-        return {"latents": f.get_slice("latents")[j:j + 1][0], "text": f.get_slice("text")[j:j + 1][0],
+        item = {"latents": f.get_slice("latents")[j:j + 1][0], "text": f.get_slice("text")[j:j + 1][0],
                 "flipped": bool(f.get_slice("flipped")[j:j + 1][0]), "index": i}
+        for key in ("pooled", "time_ids"):  # SDXL caches
+            if key in self._keys(s):
+                item[key] = f.get_slice(key)[j:j + 1][0]
+        return item
+
+    def _keys(self, s: int) -> set:
+        if s not in self._key_sets:
+            self._key_sets[s] = set(self._shard(s).keys())
+        return self._key_sets[s]
 
 
 def collate_cached(items: list[dict]) -> dict:
@@ -240,7 +271,8 @@ def collate_cached(items: list[dict]) -> dict:
             "text": torch.stack([it["text"] for it in items]),
             "flipped": torch.tensor([it["flipped"] for it in items]),
             "index": torch.tensor([it["index"] for it in items]),
-            "num_corrupt": 0, "num_pairs": len(items)}
+            "num_corrupt": 0, "num_pairs": len(items),
+            **{k: torch.stack([it[k] for it in items]) for k in ("pooled", "time_ids") if k in items[0]}}
 
 
 # -- order -------------------------------------------------------------------------------------
@@ -277,3 +309,28 @@ class PairBatchSampler(torch.utils.data.Sampler):
         for b in range(self.start, self.num_batches()):
             chunk = order[b * gbs:(b + 1) * gbs]
             yield chunk[self.rank * self.bs:(self.rank + 1) * self.bs]
+
+
+class SyntheticPairDataset(torch.utils.data.Dataset):
+    """Random latents and text embeddings of the right shapes (``--unet_config`` without data):
+    for throughput runs of a random-init model.  Item ``i`` is a pure function of ``(seed, i)``."""
+
+    def __init__(self, num_pairs: int, latent_shape, text_shape, pooled_dim=None, resolution: int = 512,
+                 seed: int = 0):
+        self.n, self.latent_shape, self.text_shape = num_pairs, tuple(latent_shape), tuple(text_shape)
+        self.pooled_dim, self.resolution, self.seed = pooled_dim, resolution, seed
+        self.meta = {"num_rows": num_pairs, "num_ties": 0, "num_corrupt": 0, "num_pairs": num_pairs,
+                     "flip_ratio": 0.0, "flip_seed": 0, "flipped_pairs": [], "flipped_rows": []}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        item = {"latents": torch.randn((2, *self.latent_shape), generator=g),
+                "text": torch.randn(self.text_shape, generator=g), "flipped": False, "index": i}
+        if self.pooled_dim:
+            r = self.resolution
+            item["pooled"] = torch.randn(self.pooled_dim, generator=g)
+            item["time_ids"] = torch.tensor([[r, r, 0, 0, r, r]] * 2, dtype=torch.float32)
+        return item

@@ -55,6 +55,14 @@ def load_encoders(path: str, variant: Optional[str] = None):
     return vae, text_encoder, tokenizer
 
 
+def load_vae(path: str, variant: Optional[str] = None):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(check_local_model(path), subfolder="vae", variant=variant,
+                                        local_files_only=True, use_safetensors=True)
+    return vae.requires_grad_(False).eval()
+
+
 def add_lora(unet, rank: int, alpha: Optional[float] = None, targets: Sequence[str] = LORA_TARGETS,
              init: str = "gaussian") -> list[tuple[str, torch.nn.Parameter]]:
     """Freeze ``unet``, add a peft LoRA adapter, return its ``(name, parameter)`` list (fp32)."""
@@ -95,3 +103,155 @@ def save_lora_diffusers(unet, out_dir: str) -> str:
     StableDiffusionLoraLoaderMixin.save_lora_weights(out_dir, unet_lora_layers=state, safe_serialization=True,
                                                      weight_name=LORA_WEIGHT_NAME)
     return os.path.join(out_dir, LORA_WEIGHT_NAME)
+
+
+# -- random-init UNets from a named or JSON config (throughput without downloading weights) --------
+# The SD1.5 and SDXL UNet architectures (the published config.json values that define the shapes);
+# "tiny" and "tiny-sdxl" are the toy models' UNets (CPU tests and the CPU benchmark).
+UNET_CONFIGS = {
+    "sd15": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                   "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
+    "sdxl": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                 cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                 addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, norm_num_groups=32),
+    "tiny": dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                 attention_head_dim=8, norm_num_groups=32),
+    # Two 32-wide text encoders (hidden states concatenated: 64), pooled 32 + 6 time ids x 8.
+    "tiny-sdxl": dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                      block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                      attention_head_dim=8, norm_num_groups=32, use_linear_projection=True,
+                      addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=32 + 6 * 8),
+}
+# Text-conditioning shapes of each named config: (tokens, width, pooled width or None).
+TEXT_SHAPES = {"sd15": (77, 768, None), "sdxl": (77, 2048, 1280), "tiny": (16, 32, None),
+               "tiny-sdxl": (16, 64, 32)}
+
+
+def unet_config(spec: str) -> dict:
+    """A ``UNet2DConditionModel`` config from a name in :data:`UNET_CONFIGS` or a JSON file."""
+    import json
+
+    if spec in UNET_CONFIGS:
+        return dict(UNET_CONFIGS[spec])
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            cfg = json.load(f)
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+    raise ValueError(f"--unet_config: {spec!r} is neither one of {sorted(UNET_CONFIGS)} nor a JSON file")
+
+
+def build_unet(spec: str, seed: int = 0):
+    """A randomly initialised ``UNet2DConditionModel`` (fixed seed) from :func:`unet_config`."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**unet_config(spec))
+
+
+def text_shape(spec_or_unet) -> tuple[int, int, Optional[int]]:
+    """``(tokens, width, pooled width or None)`` of the conditioning a UNet expects."""
+    if isinstance(spec_or_unet, str) and spec_or_unet in TEXT_SHAPES:
+        return TEXT_SHAPES[spec_or_unet]
+    cfg = unet_config(spec_or_unet) if isinstance(spec_or_unet, str) else dict(spec_or_unet.config)
+    pooled = None
+    if cfg.get("addition_embed_type") == "text_time":
+        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+    return 77, cfg["cross_attention_dim"], pooled
+
+
+def is_sdxl(unet) -> bool:
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+# -- SDXL: two text encoders, pooled embeddings, micro-conditioning --------------------------------
+def is_sdxl_folder(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "text_encoder_2"))
+
+
+def load_text_encoders(path: str, variant: Optional[str] = None):
+    """``TextEncoders`` (one for SD1.5-style folders, two for SDXL-style folders), frozen."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    check_local_model(path)
+    kw = dict(variant=variant, local_files_only=True, use_safetensors=True)
+    te1 = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+    tok1 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    te2 = tok2 = None
+    if is_sdxl_folder(path):
+        te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
+        tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
+    return TextEncoders(te1, tok1, te2, tok2)
+
+
+class TextEncoders:
+    """SD1.5: the last hidden state of one CLIP encoder.  SDXL (as diffusers' SDXL pipelines and
+    training scripts do): the penultimate hidden states of both encoders, concatenated on the
+    feature axis, plus the second encoder's pooled, projected embedding."""
+
+    def __init__(self, te1, tok1, te2=None, tok2=None):
+        self.te1, self.tok1, self.te2, self.tok2 = te1, tok1, te2, tok2
+        for m in (te1, te2):
+            if m is not None:
+                m.requires_grad_(False).eval()
+
+    @property
+    def sdxl(self) -> bool:
+        return self.te2 is not None
+
+    def to(self, device, dtype=None):
+        for m in (self.te1, self.te2):
+            if m is not None:
+                m.to(device, dtype=dtype)
+        return self
+
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        from .data import tokenize
+
+        ids = {"input_ids": tokenize(self.tok1, captions)}
+        if self.sdxl:
+            ids["input_ids_2"] = tokenize(self.tok2, captions)
+        return ids
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor, input_ids_2: Optional[torch.Tensor] = None):
+        """``(text (n, L, D), pooled (n, P) or None)``."""
+        dev = self.te1.device
+        if not self.sdxl:
+            return self.te1(input_ids.to(dev), return_dict=False)[0], None
+        h1 = self.te1(input_ids.to(dev), output_hidden_states=True).hidden_states[-2]
+        o2 = self.te2(input_ids_2.to(dev), output_hidden_states=True)
+        return torch.cat([h1, o2.hidden_states[-2]], dim=-1), o2.text_embeds
+
+
+def time_ids(original_hw, crop_top_left, target: int) -> torch.Tensor:
+    """SDXL micro-conditioning: ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``."""
+    return torch.tensor([*original_hw, *crop_top_left, target, target], dtype=torch.float32)
+
+
+def set_attention(unet, kind: str = "sdpa", log=print) -> str:
+    """``sdpa``: PyTorch scaled_dot_product_attention (diffusers' default processor, flash/mem-efficient
+    kernels on CUDA).  ``xformers``: only when xformers imports and its kernels load; else SDPA."""
+    if kind == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as e:  # noqa: BLE001 - a broken xformers build must not stop training
+            log(f"note: xformers unavailable ({type(e).__name__}: {str(e)[:120]}); using PyTorch SDPA")
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"

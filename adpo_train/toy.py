@@ -101,6 +101,29 @@ def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
+def build_toy_sdxl_components(tokenizer_dir: str, seed: int = 0, prediction_type: str = "epsilon"):
+    """The SDXL-style toy: the toy VAE and scheduler, two 32-wide CLIP encoders (the second with a
+    32-wide projection: the pooled embedding) and the ``tiny-sdxl`` UNet (``addition_embed_type
+    ="text_time"``: pooled text + 6 micro-conditioning time ids)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .models import UNET_CONFIGS
+
+    parts = build_toy_components(tokenizer_dir, seed, prediction_type)
+    tok = parts["tokenizer"]
+    torch.manual_seed(seed + 3)
+    parts["unet"] = UNet2DConditionModel(**UNET_CONFIGS["tiny-sdxl"])
+    torch.manual_seed(seed + 4)
+    parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=MAX_TOKENS, layer_norm_eps=1e-5, projection_dim=32, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    return parts
+
+
 def build_toy_pipeline(tokenizer_dir: str, seed: int = 0, prediction_type: str = "epsilon"):
     from diffusers import StableDiffusionPipeline
 
@@ -108,12 +131,19 @@ def build_toy_pipeline(tokenizer_dir: str, seed: int = 0, prediction_type: str =
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def write_toy_model(path: str, seed: int = 0, prediction_type: str = "epsilon") -> str:
-    """Save the toy model as a diffusers-format folder (``model_index.json``, one subfolder per part)."""
+def write_toy_model(path: str, seed: int = 0, prediction_type: str = "epsilon", kind: str = "sd15") -> str:
+    """Save the toy model as a diffusers-format folder (``model_index.json``, one subfolder per part);
+    ``kind="sdxl"``: the SDXL-style toy (a ``StableDiffusionXLPipeline`` folder)."""
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return path
     tmp = path.rstrip("/") + ".tmp"
-    pipe = build_toy_pipeline(os.path.join(tmp, "tokenizer"), seed, prediction_type)
+    if kind == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(**build_toy_sdxl_components(os.path.join(tmp, "tokenizer"), seed,
+                                                                     prediction_type))
+    else:
+        pipe = build_toy_pipeline(os.path.join(tmp, "tokenizer"), seed, prediction_type)
     pipe.save_pretrained(tmp, safe_serialization=True)
     os.replace(tmp, path) if not os.path.exists(path) else _replace_dir(tmp, path)
     return path

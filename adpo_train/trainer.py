@@ -27,11 +27,13 @@ import torch
 import adpo_kernels as ak
 
 from . import checkpoint as ckpt
-from .annotators import EMAAnnotators
-from .data import (CachedPairDataset, ImagePairDataset, PairBatchSampler, PickAPicPairs, collate_cached,
-                   collate_images)
-from .models import (LORA_WEIGHT_NAME, add_lora, load_encoders, load_lora_state_dict, load_scheduler, load_unet,
-                     lora_state_dict, save_lora_diffusers)
+from .annotators import EMAAnnotators, MixedBatchAnnotators
+from .data import (CachedPairDataset, ImagePairDataset, PairBatchSampler, PickAPicPairs, SyntheticPairDataset,
+                   collate_cached, collate_images)
+from .models import (LORA_WEIGHT_NAME, add_lora, build_unet, load_lora_state_dict, load_scheduler,
+                     load_text_encoders, load_unet, load_vae, lora_state_dict, save_lora_diffusers, set_attention,
+                     text_shape)
+from .step import StepModels, compile_unet, step_inputs
 
 # Device-side metric buffer: one slot per field, summed over optimisation steps between logs.
 FIELDS = ("loss", "implicit_acc", "weight_mean", "metric_mean", "logit_mean", "model_mse", "ref_mse",
@@ -134,19 +136,51 @@ def _train(args: Namespace) -> dict:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # -- models ---------------------------------------------------------------------------
-    scheduler = load_scheduler(args.pretrained_model_name_or_path, args.prediction_type)
-    unet = load_unet(args.pretrained_model_name_or_path, args.variant)
-    unet.to(device, dtype=weight_dtype)
-    named = add_lora(unet, args.rank, args.lora_alpha, [t.strip() for t in args.lora_target_modules.split(",")],
-                     args.lora_init)
+    cuda = device.type == "cuda"
+    if args.pretrained_model_name_or_path:
+        scheduler = load_scheduler(args.pretrained_model_name_or_path, args.prediction_type)
+    else:  # --unet_config without a model folder: SD's training scheduler
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", prediction_type=args.prediction_type or "epsilon",
+                                  clip_sample=False)
+    unet = (build_unet(args.unet_config, args.seed) if args.unet_config
+            else load_unet(args.pretrained_model_name_or_path, args.variant))
+    set_attention(unet, args.attention, log)
+    reference_unet = None
+    if args.full_finetune:
+        # fp32 master weights (autocast runs them in --mixed_precision); the reference is a frozen copy
+        import copy
+
+        unet.to(device)
+        reference_unet = copy.deepcopy(unet).to(dtype=weight_dtype).requires_grad_(False).eval()
+        unet.requires_grad_(True)
+        named = list(unet.named_parameters())
+    else:
+        unet.to(device, dtype=weight_dtype)
+        named = add_lora(unet, args.rank, args.lora_alpha,
+                         [t.strip() for t in args.lora_target_modules.split(",")], args.lora_init)
     lora_names, lora_params = [n for n, _ in named], [p for _, p in named]
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        if reference_unet is not None:
+            reference_unet.to(memory_format=torch.channels_last)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
     # -- data -----------------------------------------------------------------------------
     vae = text_encoder = None
     flip_record = None
-    if args.latent_cache:
+    if args.synthetic_pairs:
+        tokens, width, pooled = text_shape(args.unet_config)
+        ss = unet.config.sample_size
+        dataset = SyntheticPairDataset(args.synthetic_pairs, (unet.config.in_channels, ss, ss), (tokens, width),
+                                       pooled, resolution=ss * 8, seed=args.seed)
+        collate, meta = collate_cached, dataset.meta
+        flip_record = None
+        data_stats = {k: meta[k] for k in ("num_rows", "num_ties", "num_corrupt", "num_pairs")}
+    elif args.latent_cache:
         if args.flip_ratio and not args.toy:
             log("note: --flip_ratio is applied when the cache is built; the cache's flips are used")
         dataset = CachedPairDataset(args.latent_cache)
@@ -159,10 +193,9 @@ def _train(args: Namespace) -> dict:
             raise SystemExit("adpo-train: give --dataset_name or --latent_cache")
         pairs = PickAPicPairs(args.dataset_name, args.dataset_split_name, args.flip_ratio, args.flip_seed,
                               args.max_train_samples)
-        vae, text_encoder, tokenizer = load_encoders(args.pretrained_model_name_or_path, args.variant)
-        vae.to(device, dtype=weight_dtype)
-        text_encoder.to(device, dtype=weight_dtype)
-        dataset = ImagePairDataset(pairs, tokenizer, args.resolution)
+        vae = load_vae(args.pretrained_model_name_or_path, args.variant).to(device, dtype=weight_dtype)
+        text_encoder = load_text_encoders(args.pretrained_model_name_or_path, args.variant).to(device, weight_dtype)
+        dataset = ImagePairDataset(pairs, text_encoder, args.resolution)
         collate = collate_images
         flip_record = pairs.flip_record()
         data_stats = {"num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": None,
@@ -184,30 +217,56 @@ def _train(args: Namespace) -> dict:
     lr = args.learning_rate
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    fused = cuda if args.fused_adamw is None else args.fused_adamw
     optimizer = torch.optim.AdamW(lora_params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  **({"fused": True} if fused else {}))
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
+    if cuda if args.compile is None else args.compile:
+        compile_unet(unet, mode=args.compile_mode)
+        if reference_unet is not None:
+            compile_unet(reference_unet, mode=args.compile_mode)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    base_unet = accelerator.unwrap_model(unet)
+    base_unet = accelerator.unwrap_model(unet, keep_torch_compile=True)
 
     def save_hook(models, weights, output_dir):
         if main_proc:
-            save_file(lora_state_dict(accelerator.unwrap_model(models[0])), os.path.join(output_dir, "lora.safetensors"))
+            m = accelerator.unwrap_model(models[0])
+            if args.full_finetune:
+                save_file({k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()},
+                          os.path.join(output_dir, "unet.safetensors"))
+            else:
+                save_file(lora_state_dict(m), os.path.join(output_dir, "lora.safetensors"))
         while weights:
             weights.pop()
 
     def load_hook(models, input_dir):
         while models:
-            load_lora_state_dict(accelerator.unwrap_model(models.pop()),
-                                 load_file(os.path.join(input_dir, "lora.safetensors")))
+            m = accelerator.unwrap_model(models.pop())
+            if args.full_finetune:
+                m.load_state_dict(load_file(os.path.join(input_dir, "unet.safetensors")))
+            else:
+                load_lora_state_dict(m, load_file(os.path.join(input_dir, "lora.safetensors")))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
-    annotators = EMAAnnotators(lora_params, lora_names, args.ema_decays) if cfg.adaptive and args.ema_decays else None
-    gen = torch.Generator(device=device).manual_seed(args.seed * 7919 + accelerator.process_index)
+    annotators = None
+    if cfg.adaptive and args.ema_decays:
+        if args.batched_annotators and not args.full_finetune:
+            annotators = MixedBatchAnnotators(base_unet, lora_params, lora_names, args.ema_decays)
+        else:
+            if args.batched_annotators:
+                log("note: --batched_annotators needs LoRA adapters; a full fine-tune swaps EMA weights in place")
+            annotators = EMAAnnotators(lora_params, lora_names, args.ema_decays)
+    models = StepModels(unet, base_unet, reference_unet, annotators)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # noise/timesteps: one stream for the global batch on every process (step_inputs takes this rank's
+    # rows); VAE latent samples (image path): a stream per process, since each encodes its own images
+    gen = torch.Generator(device=device).manual_seed(args.seed * 7919)
+    vae_gen = torch.Generator(device=device).manual_seed(args.seed * 7919 + 104729 * (rank + 1))
     buf = torch.zeros(len(FIELDS), dtype=torch.float64, device=device)
     global_step, epoch, batch_in_epoch = 0, 0, 0
     num_corrupt_seen = 0
@@ -229,6 +288,8 @@ def _train(args: Namespace) -> dict:
             annotators.load(load_file(os.path.join(resume, "ema.safetensors"), device=str(device)), state["ema"])
         rng = load_file(os.path.join(resume, f"trainer_rng_{accelerator.process_index}.safetensors"))
         gen.set_state(rng["noise_generator"])
+        if "vae_generator" in rng:
+            vae_gen.set_state(rng["vae_generator"])
         buf.copy_(rng["metrics"])
         global_step, epoch, batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
         num_corrupt_seen = state.get("num_corrupt_seen", 0)
@@ -274,7 +335,7 @@ def _train(args: Namespace) -> dict:
             accelerator.save_state(path, safe_serialization=True)
             if annotators is not None:
                 save_file(annotators.state_tensors(), os.path.join(path, "ema.safetensors"))
-            save_file({"noise_generator": gen.get_state(), "metrics": buf.cpu()},
+            save_file({"noise_generator": gen.get_state(), "vae_generator": vae_gen.get_state(), "metrics": buf.cpu()},
                       os.path.join(path, f"trainer_rng_{accelerator.process_index}.safetensors"))
             return state
 
@@ -298,11 +359,8 @@ def _train(args: Namespace) -> dict:
 
         progress = tqdm(total=args.max_train_steps, initial=global_step, desc="adpo-train", dynamic_ncols=True)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    target_dtype = None
     pair_rows: list[torch.Tensor] = []
     t_log, steps_since_log = time.time(), (resumed_steps_since_log if resume else 0)
-    num_train_timesteps = scheduler.config.num_train_timesteps
-    v_pred = scheduler.config.prediction_type == "v_prediction"
     unet.train()
     done = global_step >= args.max_train_steps
     while not done and epoch < num_epochs:
@@ -313,38 +371,10 @@ def _train(args: Namespace) -> dict:
             if batch["num_pairs"] == 0:
                 continue
             with accelerator.accumulate(unet):
-                with torch.no_grad():
-                    if "latents" in batch:
-                        lat = batch["latents"].to(device, torch.float32)
-                        text = batch["text"].to(device, weight_dtype)
-                    else:
-                        from .cache import encode_images, encode_text
-
-                        lat = encode_images(vae, batch["pixels"], gen).float()
-                        text = encode_text(text_encoder, batch["input_ids"])
-                    B = lat.shape[0]
-                    latents = torch.cat([lat[:, 0], lat[:, 1]])
-                    noise = torch.randn(lat[:, 0].shape, generator=gen, device=device)
-                    t = torch.randint(0, num_train_timesteps, (B,), generator=gen, device=device).long()
-                    noise2, t2 = noise.repeat(2, 1, 1, 1), t.repeat(2)
-                    noisy = scheduler.add_noise(latents, noise2, t2).to(weight_dtype)
-                    enc = text.repeat(2, 1, 1)
-                    target = scheduler.get_velocity(latents, noise2, t2) if v_pred else noise
-
-                def forward():
-                    return unet(noisy, t2, enc, return_dict=False)[0]
-
-                with torch.no_grad():
-                    base_unet.disable_adapters()
-                    ref_pred = forward()
-                    base_unet.enable_adapters()
+                x = step_inputs(batch, scheduler, gen, device, weight_dtype, rank=rank, world=world,
+                                encoders=text_encoder, vae=vae, vae_gen=vae_gen, channels_last=args.channels_last)
                 ready = global_step >= args.ema_warmup_steps
-                ann = annotators.predict(forward) if annotators is not None and ready else None
-                model_pred = forward()
-                dt = model_pred.dtype
-                out = ak.adaptive_dpo_loss(model_pred, ref_pred.to(dt), target.to(dt),
-                                           [a.to(dt) for a in ann] if ann else None, config=cfg,
-                                           annotators_ready=ready, backend=args.loss_backend)
+                out = models.loss(x, cfg, ready, args.loss_backend)
                 accelerator.backward(out.loss)
                 nonfinite |= out.nonfinite
                 grad_norm = None
@@ -434,7 +464,12 @@ def _train(args: Namespace) -> dict:
     result = {"global_step": global_step, "output_dir": args.output_dir, "stopped": False,
               "metrics": metrics_path, "lora": os.path.join(args.output_dir, LORA_WEIGHT_NAME)}
     if main_proc:
-        save_lora_diffusers(base_unet, args.output_dir)
+        if args.full_finetune:
+            accelerator.unwrap_model(unet).save_pretrained(os.path.join(args.output_dir, "unet"),
+                                                           safe_serialization=True)
+            result["unet"] = os.path.join(args.output_dir, "unet")
+        else:
+            save_lora_diffusers(base_unet, args.output_dir)
         if annotators is not None:
             save_file(annotators.state_tensors(), os.path.join(args.output_dir, "ema_annotators.safetensors"),
                       metadata={"decays": json.dumps(annotators.decays)})
