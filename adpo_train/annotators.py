@@ -108,8 +108,12 @@ class MixedBatchAnnotators(EMAAnnotators):
         self._backup = []
         cfg = unet.peft_config["default"]
         self.adapter_names = [f"{self.PREFIX}{k}" for k in range(len(self.decays))]
+        import warnings
+
         for name in self.adapter_names:
-            unet.add_adapter(copy.deepcopy(cfg), adapter_name=name)
+            with warnings.catch_warnings():  # peft warns that a second adapter is being added: intended
+                warnings.simplefilter("ignore", UserWarning)
+                unet.add_adapter(copy.deepcopy(cfg), adapter_name=name)
         unet.set_adapter("default")
         by_name = dict(unet.named_parameters())
         for k, (ema, name) in enumerate(zip(self.emas, self.adapter_names)):
