@@ -144,9 +144,11 @@ def _load_cpu() -> Optional[str]:
 
 
 def _load_cuda() -> Optional[str]:
+    reason = _import("adpo_kernels._C_cuda", "CUDA extension adpo_kernels._C_cuda (built when a CUDA toolkit is present)")
     if not torch.cuda.is_available():
-        return "no CUDA device visible (torch.cuda.is_available() is False)"
-    return _import("adpo_kernels._C_cuda", "CUDA extension adpo_kernels._C_cuda (built when a CUDA toolkit is present)")
+        built = "not built, " if reason else "built, but "
+        return f"adpo_kernels._C_cuda {built}no CUDA device visible (torch.cuda.is_available() is False)"
+    return reason
 
 
 BACKENDS: dict[str, Backend] = {

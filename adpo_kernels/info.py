@@ -79,7 +79,10 @@ def format_report(info: dict[str, Any]) -> str:
             lines.append(f"  {name}: {status}")
     lines += ["", "backends (auto order: cuda > triton > torch on GPU, cpu > torch on CPU):"]
     for name, reasons in info["backends"].items():
-        lines.append(f"  {name}: " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
+        status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
+        if name == "triton" and not reasons:
+            status += " (CUDA tensors; CPU tensors only in the interpreter, TRITON_INTERPRET=1)"
+        lines.append(f"  {name}: {status}")
     return "\n".join(lines)
 
 
