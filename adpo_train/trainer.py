@@ -74,6 +74,11 @@ def _trackers(args, accelerator, log):
     return False
 
 
+def _dev(device: torch.device) -> str:
+    """A device string safetensors accepts (accelerate's multi-process CPU device is "cpu:0")."""
+    return "cpu" if device.type == "cpu" else str(device)
+
+
 def quiet_libraries() -> None:
     """No per-file progress bars or info chatter from diffusers/transformers; errors still show."""
     import diffusers
@@ -102,7 +107,9 @@ def _train(args: Namespace) -> dict:
     from safetensors.torch import load_file, save_file
 
     os.makedirs(args.output_dir, exist_ok=True)
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+    # cpu=True without a visible GPU: under torchrun that is what makes accelerate set up DDP over gloo
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision,
                               log_with="tensorboard" if args.report_to in ("tensorboard", "all") else None,
                               project_config=ProjectConfiguration(project_dir=args.output_dir,
@@ -126,7 +133,7 @@ def _train(args: Namespace) -> dict:
             build_cache(args.pretrained_model_name_or_path, args.dataset_name, args.latent_cache,
                         split=args.dataset_split_name, resolution=args.resolution, flip_ratio=args.flip_ratio,
                         flip_seed=args.flip_seed, max_pairs=args.max_train_samples, seed=args.seed,
-                        device=str(accelerator.device), variant=args.variant, log=log)
+                        device=_dev(accelerator.device), variant=args.variant, log=log)
         accelerator.wait_for_everyone()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -285,7 +292,7 @@ def _train(args: Namespace) -> dict:
         state = ckpt.read_state(resume)
         accelerator.load_state(resume)
         if annotators is not None:
-            annotators.load(load_file(os.path.join(resume, "ema.safetensors"), device=str(device)), state["ema"])
+            annotators.load(load_file(os.path.join(resume, "ema.safetensors"), device=_dev(device)), state["ema"])
         rng = load_file(os.path.join(resume, f"trainer_rng_{accelerator.process_index}.safetensors"))
         gen.set_state(rng["noise_generator"])
         if "vae_generator" in rng:
@@ -415,7 +422,8 @@ def _train(args: Namespace) -> dict:
             if progress is not None:
                 progress.update(1)
             if global_step % args.logging_steps == 0 or global_step >= args.max_train_steps:
-                vals = buf.tolist()  # the one host sync per logging interval
+                # the one host sync per logging interval; with several processes, sums over all of them
+                vals = (accelerator.reduce(buf.clone(), "sum") if world > 1 else buf).tolist()
                 buf.zero_()
                 n = max(vals[F["micro_batches"]], 1.0)
                 elapsed = time.time() - t_log
@@ -423,7 +431,7 @@ def _train(args: Namespace) -> dict:
                        "implicit_acc": vals[F["implicit_acc"]] / n, "weight_mean": vals[F["weight_mean"]] / n,
                        "metric_mean": vals[F["metric_mean"]] / n, "logit_mean": vals[F["logit_mean"]] / n,
                        "model_mse": vals[F["model_mse"]] / n, "ref_mse": vals[F["ref_mse"]] / n,
-                       "grad_norm": vals[F["grad_norm"]] / max(steps_since_log, 1),
+                       "grad_norm": vals[F["grad_norm"]] / max(steps_since_log, 1) / world,  # same on every rank
                        "nonfinite_micro_batches": int(vals[F["nonfinite"]]), "lr": lr_scheduler.get_last_lr()[0],
                        "annotators_ready": ready, "corrupt_pairs_seen": num_corrupt_seen,
                        "steps_per_s": steps_since_log / max(elapsed, 1e-9)}

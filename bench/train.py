@@ -46,6 +46,8 @@ COLUMNS = ["bench", "suite", "variant", "status", "reason", "unet", "pairs", "la
            "compiled", "annotators", "pairs_per_s", "step_ms", "p10_ms", "p90_ms", "steps", "first_step_s",
            "flops_per_step", "tflops", "mfu", "peak_mem_gb", "loss"]
 VARIANTS = ("baseline", "dpo", "adaptive", "adaptive-batched")
+# On CUDA the compiled variants run in this order so that "dpo" reuses "adaptive"'s compiled graphs
+GPU_ORDER = ("baseline", "adaptive", "dpo", "adaptive-batched")
 SUITES = {
     "gpu": dict(unet="sd15", pairs=8, rank=8, dtype="bf16", res=512, steps=20, warmup=3, quick_steps=8,
                 quick_warmup=2),
@@ -66,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the trainer's UNet (auto: on with CUDA, like the trainer)")
     p.add_argument("--time-budget", type=float, help="seconds; variants not started within it are written as "
-                   "skipped (default: 170 with --quick on CUDA, none otherwise)")
+                   "skipped (default: 150 with --quick on CUDA, none otherwise)")
 
 
 def _peak_flops(env: dict, device: torch.device):
@@ -100,10 +102,21 @@ def _cached_batch(spec: dict, unet_cfg, device) -> dict:
 
 def _encoders(spec: dict, device, dtype):
     """Random-init VAE and CLIP text encoder of the suite's architecture (SD1.5's or the toy's)."""
+    torch.manual_seed(1)
+    with torch.device(device):
+        vae, te, tokens, vocab = _build_encoders(spec)
+    for m in (vae, te):
+        m.requires_grad_(False).eval().to(device, dtype=dtype)
+    g = torch.Generator().manual_seed(2)
+    pixels = torch.rand((spec["pairs"], 6, spec["res"], spec["res"]), generator=g) * 2 - 1  # the script's layout
+    ids = torch.randint(0, vocab, (spec["pairs"], tokens), generator=g)
+    return vae, te, pixels.to(device), ids.to(device)
+
+
+def _build_encoders(spec: dict):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(1)
     if spec["unet"] == "sd15":
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -118,12 +131,7 @@ def _encoders(spec: dict, device, dtype):
         te = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=37, num_attention_heads=4,
                                           num_hidden_layers=2, max_position_embeddings=16))
         tokens, vocab = 16, 1000
-    for m in (vae, te):
-        m.requires_grad_(False).eval().to(device, dtype=dtype)
-    g = torch.Generator().manual_seed(2)
-    pixels = torch.rand((spec["pairs"], 6, spec["res"], spec["res"]), generator=g) * 2 - 1  # the script's layout
-    ids = torch.randint(0, vocab, (spec["pairs"], tokens), generator=g)
-    return vae, te, pixels.to(device), ids.to(device)
+    return vae, te, tokens, vocab
 
 
 # -- (a) the published script's step --------------------------------------------------------------
@@ -137,7 +145,8 @@ class BaselineStep:
         cuda = device.type == "cuda"
         self.device, self.spec = device, spec
         self.dtype = torch.float16 if cuda else torch.float32  # --mixed_precision fp16 on GPU
-        self.unet = build_unet(spec["unet"]).to(device, dtype=self.dtype)
+        with torch.device(device):  # random init on the device: seconds, not minutes, at SD size
+            self.unet = build_unet(spec["unet"]).to(device, dtype=self.dtype)
         torch.manual_seed(0)
         self.params = [p for _, p in add_lora(self.unet, spec["rank"])]  # fp32 LoRA (cast_training_params)
         self.unet.train()
@@ -216,7 +225,8 @@ class TrainerStep:
         cuda = device.type == "cuda"
         self.device, self.spec, self.variant = device, spec, variant
         self.dtype = DTYPES[spec["dtype"]] if cuda else torch.float32
-        unet = build_unet(spec["unet"]).to(device, dtype=self.dtype)
+        with torch.device(device):
+            unet = build_unet(spec["unet"]).to(device, dtype=self.dtype)
         set_attention(unet, "sdpa")
         torch.manual_seed(0)
         named = add_lora(unet, spec["rank"])
@@ -334,11 +344,11 @@ def run(args: argparse.Namespace, env: dict, log=print) -> list[dict]:
     warmup = args.warmup or spec["quick_warmup" if quick else "warmup"]
     warmup = max(warmup, 3)  # the annotators start after 2 optimisation steps (ema_warmup_steps)
     compile_ = device.type == "cuda" if args.compile == "auto" else args.compile == "on"
-    variants = args.variants or list(VARIANTS)
+    variants = args.variants or list(GPU_ORDER if device.type == "cuda" else VARIANTS)
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; expected some of {VARIANTS}")
-    budget = args.time_budget if args.time_budget is not None else (170.0 if quick and device.type == "cuda" else None)
+    budget = args.time_budget if args.time_budget is not None else (150.0 if quick and device.type == "cuda" else None)
     peak_flops = _peak_flops(env, device)
     cfg_cols = dict(bench="train", suite=suite_name, unet=spec["unet"], pairs=spec["pairs"], rank=spec["rank"])
     log(f"train benchmark, suite {suite_name}: {variants} on {env['device']} ({env['threads']} threads, "
@@ -351,6 +361,10 @@ def run(args: argparse.Namespace, env: dict, log=print) -> list[dict]:
             log(f"  {variant}: skipped (time budget)")
             continue
         try:
+            import gc
+
+            gc.collect()
+            base_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             torch.manual_seed(0)
             if variant == "baseline":
                 step = BaselineStep(spec, device)
@@ -364,7 +378,9 @@ def run(args: argparse.Namespace, env: dict, log=print) -> list[dict]:
             if variant != "baseline":
                 step.enable_compile()
             first, times, peak = _measure(step, device, warmup, steps)
-            if peak is None:
+            if peak is not None:
+                peak -= base_alloc  # what this variant holds at its peak, not what earlier variants left
+            else:
                 prof = harness.profile_call(step, device)
                 peak = step.static_bytes() + (prof.peak_bytes or 0)
             med = statistics.median(times)
