@@ -235,6 +235,17 @@ def _train(args: Namespace) -> dict:
         compile_unet(unet, mode=args.compile_mode)
         if reference_unet is not None:
             compile_unet(reference_unet, mode=args.compile_mode)
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # FSDP shards parameters into DTensors: the in-place EMA swaps, the LoRA/EMA checkpoint files and
+        # the final LoRA export would need gathered (full_tensor) copies on every rank. Not implemented.
+        raise SystemExit("adpo-train: FSDP is not supported yet (see docs/trainer.md, 'At scale'); use DDP or "
+                         "DeepSpeed ZeRO-2 (docs/accelerate/deepspeed_zero2.yaml): both keep whole parameters "
+                         "on every GPU, which the EMA swaps and the LoRA export rely on")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # no dataloader goes through prepare(): DeepSpeed needs the micro-batch size stated
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     base_unet = accelerator.unwrap_model(unet, keep_torch_compile=True)
 
@@ -340,7 +351,7 @@ def _train(args: Namespace) -> dict:
 
         def write(path):
             accelerator.save_state(path, safe_serialization=True)
-            if annotators is not None:
+            if annotators is not None and main_proc:  # identical on every rank (whole parameters everywhere)
                 save_file(annotators.state_tensors(), os.path.join(path, "ema.safetensors"))
             save_file({"noise_generator": gen.get_state(), "vae_generator": vae_gen.get_state(), "metrics": buf.cpu()},
                       os.path.join(path, f"trainer_rng_{accelerator.process_index}.safetensors"))
