@@ -423,7 +423,9 @@ def readme_block(results_dir: Optional[str] = None) -> str:
         by: dict[tuple, dict[str, dict]] = defaultdict(dict)
         for r in full:
             by[_case_key(r)][r["provider"]] = r
-        lines += [f"Full fwd+bwd, median ms, {r0['device']} ({r0['date'][:10]}, suite `{r0['suite']}`):", ""]
+        threads = f", {r0['threads']} torch thread(s)" if r0.get("device_type") == "cpu" and r0.get("threads") else ""
+        lines += [f"Full fwd+bwd, median ms, {r0['device']}{threads} ({r0['date'][:10]}, suite `{r0['suite']}`, "
+                  f"git `{r0.get('git_sha', '?')[:12]}`, load average {r0.get('loadavg', '?')} at start):", ""]
         body = [[next(iter(v.values()))["shape"], next(iter(v.values()))["K"], next(iter(v.values()))["dtype"]]
                 + [_ms(_f(v[p], "median_ms")) if p in v else "-" for p in provs] for _, v in sorted(by.items())]
         lines += [_md_table(["shape", "K", "dtype"] + provs, body), ""]
