@@ -320,6 +320,14 @@ def _measure(step, device, warmup: int, steps: int):
     return first, times, peak
 
 
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def _quantile(xs, q):
     xs = sorted(xs)
     pos = q * (len(xs) - 1)
@@ -354,8 +362,17 @@ def run(args: argparse.Namespace, env: dict, log=print) -> list[dict]:
     log(f"train benchmark, suite {suite_name}: {variants} on {env['device']} ({env['threads']} threads, "
         f"load {env['loadavg']}), {warmup} warm-up + {steps} timed steps, compile={compile_}")
     rows, t_start = [], time.perf_counter()
+    import signal
+
+    # A caller's timeout (gpu_check.sh: `timeout --kill-after=10`) sends SIGTERM: finish the rows measured so
+    # far and write the rest as skipped, so that the CSV is complete and nothing measured is lost.
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    terminated = False
     for variant in variants:
         row = dict(cfg_cols, variant=variant)
+        if terminated:
+            rows.append(dict(row, status="skipped", reason="terminated by SIGTERM (the caller's time limit)"))
+            continue
         if budget is not None and time.perf_counter() - t_start > budget:
             rows.append(dict(row, status="skipped", reason=f"time budget of {budget:.0f} s spent"))
             log(f"  {variant}: skipped (time budget)")
@@ -394,6 +411,10 @@ def run(args: argparse.Namespace, env: dict, log=print) -> list[dict]:
                 f"{flops / 1e12:7.3f} TFLOP/step  peak {peak / 1e9:.2f} GB"
                 + (f"  MFU {row['mfu'] * 100:.1f}%" if row["mfu"] else ""))
             del step
+        except _Terminated:
+            terminated = True
+            row.update(status="skipped", reason="terminated by SIGTERM (the caller's time limit) while running")
+            log(f"  {variant}: terminated")
         except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the others' rows
             import traceback
 
@@ -403,4 +424,5 @@ def run(args: argparse.Namespace, env: dict, log=print) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row)
+    signal.signal(signal.SIGTERM, old)
     return rows
