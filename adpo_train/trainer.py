@@ -330,8 +330,10 @@ def _train(args: Namespace) -> dict:
                    "lora_parameters": sum(p.numel() for p in lora_params)}, f, indent=1, default=str)
     log(f"adpo-train: {len(dataset)} pairs, {batches_per_epoch} batches/epoch of {args.train_batch_size} pairs, "
         f"{args.max_train_steps} steps, {'Adaptive-DPO' if cfg.adaptive else 'Diffusion-DPO'} "
-        f"beta={cfg.beta:g}, {len(args.ema_decays)} EMA annotator(s), LoRA r={args.rank} "
-        f"({sum(p.numel() for p in lora_params):,} params), {scheduler.config.prediction_type}, device {device}")
+        f"beta={cfg.beta:g}, {len(args.ema_decays)} EMA annotator(s), "
+        + ("full fine-tune" if args.full_finetune else f"LoRA r={args.rank}")
+        + f" ({sum(p.numel() for p in lora_params):,} params), {scheduler.config.prediction_type}, device {device}"
+        + (f" x {world} processes" if world > 1 else ""))
 
     def flush_pairs() -> None:
         if main_proc and pair_rows:
