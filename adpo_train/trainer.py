@@ -483,7 +483,8 @@ def _train(args: Namespace) -> dict:
     # -- outputs --------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     result = {"global_step": global_step, "output_dir": args.output_dir, "stopped": False,
-              "metrics": metrics_path, "lora": os.path.join(args.output_dir, LORA_WEIGHT_NAME)}
+              "metrics": metrics_path,
+              "lora": None if args.full_finetune else os.path.join(args.output_dir, LORA_WEIGHT_NAME)}
     if main_proc:
         if args.full_finetune:
             accelerator.unwrap_model(unet).save_pretrained(os.path.join(args.output_dir, "unet"),
@@ -501,7 +502,10 @@ def _train(args: Namespace) -> dict:
             plot = plot_metrics(metrics_path, os.path.join(args.output_dir, "training_curves.png"))
         result["plot"] = plot
         log(f"\ndone: {global_step} steps in {time.time() - t_start:.0f}s")
-        log(f"  LoRA (diffusers format): {result['lora']}")
+        if args.full_finetune:
+            log(f"  UNet (diffusers format): {result['unet']}")
+        else:
+            log(f"  LoRA (diffusers format): {result['lora']}")
         log(f"  metrics:                 {metrics_path}")
         if plot:
             log(f"  plot:                    {plot}")
