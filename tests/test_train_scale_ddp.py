@@ -41,3 +41,26 @@ def test_two_process_ddp_matches_one_process_with_twice_the_pairs(tmp_path):
                                            msg=f"{variant}: rank {r} gradient of {name}")
     # the mixed-batch annotators give what the swapped-weight annotators give
     torch.testing.assert_close(single["mixed"]["loss"], single["swap"]["loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_runs_under_torchrun_with_two_processes_and_resumes(tmp_path):
+    """The whole trainer under torchrun: 2 processes (Accelerator(cpu=True) -> DDP over gloo), sync_batch_stats,
+    a checkpoint with both ranks' RNG files, then a resume."""
+    import json
+
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "adpo_train",
+            "--unet_config", "tiny", "--synthetic_pairs", "16", "--train_batch_size", "2", "--logging_steps", "2",
+            "--checkpointing_steps", "2", "--sync_batch_stats", "--ema_warmup_steps", "1", "--output_dir",
+            str(tmp_path), "--quiet", "--no_plot", "--report_to", "jsonl"]
+    for steps, extra in (("4", ["--stop_after_steps", "2"]), ("4", ["--resume_from_checkpoint", "latest"])):
+        proc = subprocess.run(base + ["--max_train_steps", steps] + extra, cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "4 batches/epoch of 2 pairs" in proc.stdout  # 16 pairs / (2 pairs x 2 processes)
+    assert "resumed from" in proc.stdout and "x 2 processes" in proc.stdout
+    ck = tmp_path / "checkpoint-2"
+    assert (ck / "trainer_rng_0.safetensors").is_file() and (ck / "trainer_rng_1.safetensors").is_file()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [2, 4] and rows[-1]["annotators_ready"]
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
