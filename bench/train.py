@@ -24,7 +24,8 @@ Method: per variant, the models are built from fixed seeds; one step is run eage
 step executes, backward included); then ``warmup`` steps (the first, timed alone as
 ``first_step_s``, includes compilation), then ``steps`` steps each timed with a device sync
 at its end (``step_ms`` median, ``p10_ms``, ``p90_ms``); ``pairs_per_s`` = pairs / median
-step; ``mfu`` = flops_per_step / median step / the device's dense bf16/fp16 peak (GPU only;
+step; ``speedup_vs_baseline``, ``mem_vs_baseline``, ``time_vs_dpo``, ``flops_vs_dpo``: the
+issue's goals as ratios within the run; ``mfu`` = flops_per_step / median step / the device's dense bf16/fp16 peak (GPU only;
 blank on CPU, whose peak is not defined here); ``peak_mem_gb``: on GPU the allocator's peak
 over the timed steps (weights, optimiser, EMA, activations: everything), on CPU (one torch
 thread unless ``--threads``: the tiny model on a shared 2-core machine) the bytes of
@@ -44,7 +45,8 @@ from . import harness
 
 COLUMNS = ["bench", "suite", "variant", "status", "reason", "unet", "pairs", "latent", "text", "rank", "dtype",
            "compiled", "annotators", "pairs_per_s", "step_ms", "p10_ms", "p90_ms", "steps", "first_step_s",
-           "flops_per_step", "tflops", "mfu", "peak_mem_gb", "loss"]
+           "flops_per_step", "tflops", "mfu", "peak_mem_gb", "speedup_vs_baseline", "mem_vs_baseline",
+           "time_vs_dpo", "flops_vs_dpo"]
 VARIANTS = ("baseline", "dpo", "adaptive", "adaptive-batched")
 # On CUDA the compiled variants run in this order so that "dpo" reuses "adaptive"'s compiled graphs
 GPU_ORDER = ("baseline", "adaptive", "dpo", "adaptive-batched")
@@ -425,4 +427,19 @@ def run(args: argparse.Namespace, env: dict, log=print) -> list[dict]:
             torch.cuda.empty_cache()
         rows.append(row)
     signal.signal(signal.SIGTERM, old)
+    _ratios(rows)
     return rows
+
+
+def _ratios(rows: list[dict]) -> None:
+    """The issue's goals as columns: pairs/s and peak memory relative to the baseline, step time and
+    FLOPs relative to plain DPO (goal: time_vs_dpo <= flops_vs_dpo)."""
+    ok = {r["variant"]: r for r in rows if r.get("status") == "ok"}
+    base, dpo = ok.get("baseline"), ok.get("dpo")
+    for r in ok.values():
+        if base is not None and r is not base:
+            r["speedup_vs_baseline"] = r["pairs_per_s"] / base["pairs_per_s"]
+            r["mem_vs_baseline"] = r["peak_mem_gb"] / base["peak_mem_gb"]
+        if dpo is not None and r["variant"].startswith("adaptive"):
+            r["time_vs_dpo"] = r["step_ms"] / dpo["step_ms"]
+            r["flops_vs_dpo"] = r["flops_per_step"] / dpo["flops_per_step"]

@@ -23,4 +23,6 @@ def test_train_benchmark_cpu_smoke(tmp_path):
     assert by["adaptive"]["flops_per_step"] > by["dpo"]["flops_per_step"]
     assert math.isclose(by["adaptive"]["flops_per_step"], by["adaptive-batched"]["flops_per_step"], rel_tol=0.02)
     assert by["baseline"]["flops_per_step"] > by["adaptive"]["flops_per_step"]
+    assert by["adaptive"]["time_vs_dpo"] > 0 and by["adaptive"]["flops_vs_dpo"] > 1
+    assert by["dpo"]["speedup_vs_baseline"] > 0 and by["dpo"]["mem_vs_baseline"] > 0
     assert (tmp_path / "train.csv").is_file()
