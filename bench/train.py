@@ -25,8 +25,8 @@ step executes, backward included); then ``warmup`` steps (the first, timed alone
 ``first_step_s``, includes compilation), then ``steps`` steps each timed with a device sync
 at its end (``step_ms`` median, ``p10_ms``, ``p90_ms``); ``pairs_per_s`` = pairs / median
 step; ``speedup_vs_baseline``, ``mem_vs_baseline``, ``time_vs_dpo``, ``flops_vs_dpo``: the
-issue's goals as ratios within the run; ``mfu`` = flops_per_step / median step / the device's dense bf16/fp16 peak (GPU only;
-blank on CPU, whose peak is not defined here); ``peak_mem_gb``: on GPU the allocator's peak
+issue's goals as ratios within the run; ``mfu`` = flops_per_step / median step / the
+device's dense bf16/fp16 peak (GPU only; blank on CPU, whose peak is not defined here); ``peak_mem_gb``: on GPU the allocator's peak
 over the timed steps (weights, optimiser, EMA, activations: everything), on CPU (one torch
 thread unless ``--threads``: the tiny model on a shared 2-core machine) the bytes of
 every long-lived tensor (parameters, optimiser state, EMA copies) plus the peak of live

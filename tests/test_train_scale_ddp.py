@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from tests.test_train_fixtures import root  # noqa: F401  (skips without diffusers/peft/accelerate)
