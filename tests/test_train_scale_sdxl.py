@@ -73,3 +73,22 @@ def test_sdxl_micro_conditioning_changes_the_prediction():
         b = unet(x, t, enc, added_cond_kwargs={"text_embeds": pooled, "time_ids": tid * 2}).sample
         c = unet(x, t, enc, added_cond_kwargs={"text_embeds": pooled * 0, "time_ids": tid}).sample
     assert not torch.allclose(a, b) and not torch.allclose(a, c)
+
+
+def test_micro_conditioning_of_a_non_square_image():
+    """time_ids = (original h, w, crop top, left, target, target): shorter side resized to R, centre crop."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from adpo_train.data import decode_image
+    from adpo_train.models import time_ids
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((40, 64, 3), np.uint8)).save(buf, format="PNG")  # h=40, w=64
+    pixels, (orig, crop) = decode_image(buf.getvalue(), 32, with_meta=True)
+    assert pixels.shape == (3, 32, 32) and orig == (40, 64)
+    assert crop == (0, (round(64 * 32 / 40) - 32) // 2)  # resized to 32 x 51, centre crop from the left
+    assert time_ids(orig, crop, 32).tolist() == [40.0, 64.0, 0.0, 9.0, 32.0, 32.0]
+    assert decode_image(b"not an image", 32, with_meta=True) == (None, None)
