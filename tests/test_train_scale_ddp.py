@@ -15,10 +15,10 @@ B = 3
 def test_two_process_ddp_matches_one_process_with_twice_the_pairs(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tests.test_train_scale_dist_worker", str(tmp_path), str(B)]
+           "-m", "tests.train_scale_dist_worker", str(tmp_path), str(B)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    from tests.test_train_scale_dist_worker import run
+    from tests.train_scale_dist_worker import run
 
     single = run(str(tmp_path), 2 * B)
     ranks = [torch.load(tmp_path / f"rank{r}-of-2.pt", weights_only=False) for r in range(2)]
