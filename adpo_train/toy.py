@@ -1,10 +1,16 @@
 """The built-in toy: a tiny Stable-Diffusion-style model and a procedural preference set.
 
 Everything is built offline from fixed seeds: a tiny ``UNet2DConditionModel``, an
-``AutoencoderKL`` (32 px images -> 4x16x16 latents), a 2-layer CLIP text encoder with a
+``AutoencoderKL`` (32 px images, trained at 16 px -> 4x8x8 latents), a 2-layer CLIP text encoder with a
 CLIP BPE tokenizer written from a synthetic ``vocab.json`` + ``merges.txt``, and a
 ``DDPMScheduler``; saved as an ordinary diffusers folder so that the trainer loads it
 through the same code path as a real model.
+
+Like the model DPO is meant for, the toy is "pretrained" before the preference run: the
+random VAE gets a near-deterministic posterior and a unit-variance ``scaling_factor``
+(:func:`calibrate_vae`), and the UNet is trained for ``PRETRAIN_STEPS`` steps as a
+text-conditioned denoiser of captioned toy images (:func:`pretrain_unet`, about a minute
+on one CPU thread).  Without both, the implicit accuracy of the default run stays at 0.5.
 
 The preference set follows the Pick-a-Pic v2 schema (``jpg_0``, ``jpg_1``, ``label_0``,
 ``caption``, ``user_id``).  Each caption names a colour and a shape ("a red circle"); the
@@ -23,8 +29,16 @@ import numpy as np
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
           "purple": (150, 50, 190), "orange": (240, 140, 30)}
 SHAPES = ("circle", "square", "triangle")
-RESOLUTION = 32
+RESOLUTION = 16  # training resolution (4x8x8 latents)
+IMAGE_SIZE = 32  # size of the dataset's images; the cache resizes them to the training resolution
 MAX_TOKENS = 16
+# Pre-training of the toy UNet (see pretrain_unet): optimiser steps, batch size, learning rate.
+# ADPO_TOY_PRETRAIN_STEPS overrides the step count (the test suite shortens it: it checks the
+# plumbing, and the 600 steps cost about a minute per toy build).
+PRETRAIN_STEPS = 600
+PRETRAIN_BATCH = 32
+PRETRAIN_LR = 1e-3
+PRETRAIN_IMAGES = 512
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -71,8 +85,10 @@ def write_tokenizer(path: str, words=None) -> None:
                    "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
 
 
-def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str = "epsilon"):
-    """``dict(unet, vae, text_encoder, tokenizer, scheduler)``, randomly initialised from ``seed``."""
+def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str = "epsilon",
+                         pretrain_steps: int = 0):
+    """``dict(unet, vae, text_encoder, tokenizer, scheduler)``, randomly initialised from ``seed``;
+    ``pretrain_steps > 0``: the UNet is then pre-trained on captioned toy images (:func:`pretrain_unet`)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -89,6 +105,7 @@ def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str
     vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=32, sample_size=RESOLUTION)
+    calibrate_vae(vae, seed)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
@@ -98,7 +115,81 @@ def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", prediction_type=prediction_type, clip_sample=False,
                               steps_offset=1)
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    if pretrain_steps > 0:
+        pretrain_unet(parts, pretrain_steps, seed=seed)
+    return parts
+
+
+def pretrain_unet(parts: dict, steps: int = PRETRAIN_STEPS, batch_size: int = PRETRAIN_BATCH,
+                  lr: float = PRETRAIN_LR, num_images: int = PRETRAIN_IMAGES, seed: int = 0) -> list[float]:
+    """Pre-train the toy UNet as a text-conditioned denoiser (the ordinary diffusion loss) on
+    ``num_images`` captioned toy images: each shows the named shape in the named colour, drawn
+    from a seed of its own (not the preference set's).  Returns the loss per step.
+
+    DPO fine-tunes a model that already denoises and follows its prompt; from a random UNet
+    the LoRA has no useful features to steer, and the implicit accuracy stays at 0.5.
+    """
+    import torch
+
+    from .data import tokenize
+
+    unet, vae, te, tok, sched = (parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+    rng = np.random.default_rng(seed + 2000)
+    names = list(COLORS)
+    captions, imgs = [], []
+    for _ in range(num_images):
+        color, shape = names[rng.integers(len(names))], SHAPES[rng.integers(len(SHAPES))]
+        captions.append(f"a {color} {shape}")
+        imgs.append(draw(color, shape, rng, RESOLUTION))
+    with torch.no_grad():
+        x = torch.tensor(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        text = te(tokenize(tok, captions), return_dict=False)[0]
+    gen = torch.Generator().manual_seed(seed + 3000)
+    unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    v_pred = sched.config.prediction_type == "v_prediction"
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, num_images, (batch_size,), generator=gen)
+        x0 = lat[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen)
+        target = sched.get_velocity(x0, noise, t) if v_pred else noise
+        pred = unet(sched.add_noise(x0, noise, t), t, text[idx], return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    unet.requires_grad_(False).eval()
+    return losses
+
+
+def calibrate_vae(vae, seed: int = 0, num_images: int = 72) -> None:
+    """Give the random VAE what a trained one has: a near-deterministic posterior and a
+    ``scaling_factor`` that brings the toy images' latents to unit variance.
+
+    A freshly initialised ``AutoencoderKL`` predicts ``logvar ~ 0``, so every latent sample
+    carries noise of std ~1 against a mean of std ~0.25, and the default ``scaling_factor``
+    (SD's 0.18215) shrinks what is left far below the diffusion noise: the colour of the
+    shape is then invisible to the UNet.  SD's VAE has a posterior std far below its
+    latents' spread, and its scaling factor is 1 / std of its latents; do the same here.
+    """
+    import torch
+
+    with torch.no_grad():
+        qc = vae.quant_conv
+        c = qc.out_channels // 2
+        qc.weight[c:].zero_()
+        qc.bias[c:].fill_(-12.0)  # posterior std e^-6 ~ 0.0025
+        rng = np.random.default_rng(seed + 1000)
+        names = list(COLORS)
+        imgs = [draw(names[i % len(names)], SHAPES[i % len(SHAPES)], rng, RESOLUTION) for i in range(num_images)]
+        x = torch.tensor(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        mean = vae.encode(x).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
 
 
 def build_toy_sdxl_components(tokenizer_dir: str, seed: int = 0, prediction_type: str = "epsilon"):
@@ -124,18 +215,23 @@ def build_toy_sdxl_components(tokenizer_dir: str, seed: int = 0, prediction_type
     return parts
 
 
-def build_toy_pipeline(tokenizer_dir: str, seed: int = 0, prediction_type: str = "epsilon"):
+def build_toy_pipeline(tokenizer_dir: str, seed: int = 0, prediction_type: str = "epsilon",
+                       pretrain_steps: int = 0):
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline(**build_toy_components(tokenizer_dir, seed, prediction_type),
+    return StableDiffusionPipeline(**build_toy_components(tokenizer_dir, seed, prediction_type, pretrain_steps),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def write_toy_model(path: str, seed: int = 0, prediction_type: str = "epsilon", kind: str = "sd15") -> str:
+def write_toy_model(path: str, seed: int = 0, prediction_type: str = "epsilon", kind: str = "sd15",
+                    pretrain_steps: int | None = None) -> str:
     """Save the toy model as a diffusers-format folder (``model_index.json``, one subfolder per part);
-    ``kind="sdxl"``: the SDXL-style toy (a ``StableDiffusionXLPipeline`` folder)."""
+    the SD1.5-style UNet is pre-trained for ``pretrain_steps`` (:func:`pretrain_unet`).
+    ``kind="sdxl"``: the SDXL-style toy (a ``StableDiffusionXLPipeline`` folder, random UNet)."""
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return path
+    if pretrain_steps is None:
+        pretrain_steps = int(os.environ.get("ADPO_TOY_PRETRAIN_STEPS", PRETRAIN_STEPS))
     tmp = path.rstrip("/") + ".tmp"
     if kind == "sdxl":
         from diffusers import StableDiffusionXLPipeline
@@ -143,7 +239,7 @@ def write_toy_model(path: str, seed: int = 0, prediction_type: str = "epsilon", 
         pipe = StableDiffusionXLPipeline(**build_toy_sdxl_components(os.path.join(tmp, "tokenizer"), seed,
                                                                      prediction_type))
     else:
-        pipe = build_toy_pipeline(os.path.join(tmp, "tokenizer"), seed, prediction_type)
+        pipe = build_toy_pipeline(os.path.join(tmp, "tokenizer"), seed, prediction_type, pretrain_steps)
     pipe.save_pretrained(tmp, safe_serialization=True)
     os.replace(tmp, path) if not os.path.exists(path) else _replace_dir(tmp, path)
     return path
@@ -156,7 +252,7 @@ def _replace_dir(src: str, dst: str) -> None:
     os.replace(src, dst)
 
 
-def draw(color: str, shape: str, rng: np.random.Generator, size: int = RESOLUTION) -> np.ndarray:
+def draw(color: str, shape: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
     """An ``(size, size, 3)`` uint8 image: a coloured shape on a noisy grey background."""
     img = np.clip(rng.normal(128, 20, (size, size, 3)), 0, 255)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
