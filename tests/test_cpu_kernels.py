@@ -18,47 +18,23 @@ import torch
 
 import adpo_kernels
 from adpo_kernels import AdaptiveDPOConfig, adaptive_dpo_loss, config as cfgmod, dispatch
-from tests.utils import EPS, assert_close, config_grid, make_inputs
+from tests import utils
+from tests.utils import FIELDS, assert_close, config_grid, make_inputs
 
 REASONS = dispatch.BACKENDS["cpu"].unavailable()
 pytestmark = pytest.mark.skipif(bool(REASONS), reason=f"CPU extension not usable: {REASONS}")
 
 ALL_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-FIELDS = ("loss", "logits", "metric", "weights", "margin", "implicit_acc", "model_mse", "ref_mse")
 ROW_CHUNK = 16384  # csrc/cpu/cpu_kernels.h
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(backend, model, ref, target, annots, cfg, ready=True):
-    """Loss outputs and d loss / d model_pred of one call."""
-    m = model.detach().clone().requires_grad_(True)
-    out = adaptive_dpo_loss(m, ref, target, annots, cfg, ready, backend=backend)
-    out.loss.backward()
-    return out, m.grad
-
-
-def oracle(model, ref, target, annots, cfg, ready=True):
-    d = torch.float64
-    return run("torch", model.to(d), ref.to(d), target.to(d), [a.to(d) for a in annots], cfg, ready)
+    return utils.run_backend(backend, model, ref, target, annots, cfg, ready)
 
 
 def check_vs_reference(model, ref, target, annots, cfg, ready=True, what=""):
-    """The fused CPU kernel is at most twice as far from the float64 oracle as torch is."""
-    out, grad = run("cpu", model, ref, target, annots, cfg, ready)
-    peer, peer_grad = run("torch", model, ref, target, annots, cfg, ready)
-    exact, exact_grad = oracle(model, ref, target, annots, cfg, ready)
-    acc_eps = 1e-13 if model.dtype == torch.float64 else 1e-6
-    for f in FIELDS:
-        a, p, e = getattr(out, f), getattr(peer, f), getattr(exact, f)
-        assert a.dtype == p.dtype, f"{what}{f}: dtype {a.dtype} != torch's {p.dtype}"
-        scale = e.double().abs().max().item()
-        peer_err = (p.double() - e.double()).abs().max().item()
-        assert_close(a, e, atol=2 * peer_err + 8 * acc_eps * max(scale, 1e-30), rtol=0, name=what + f)
-    assert grad.dtype == model.dtype and grad.shape == model.shape
-    scale = exact_grad.abs().max().item()
-    peer_err = (peer_grad.double() - exact_grad).abs().max().item()
-    assert_close(grad, exact_grad, atol=2 * peer_err + 8 * acc_eps * scale, rtol=0, name=what + "grad")
-    return out, grad
+    return utils.check_vs_reference("cpu", model, ref, target, annots, cfg, ready, what)
 
 
 # -- the op and the C++ enums ------------------------------------------------------------

@@ -9,41 +9,23 @@ import pytest
 import torch
 
 from adpo_kernels import AdaptiveDPOConfig, adaptive_dpo_loss, dispatch
-from tests.utils import assert_close, config_grid, make_inputs
+from tests import utils
+from tests.utils import FIELDS, config_grid, make_inputs
 
 REASONS = dispatch.BACKENDS["cuda"].unavailable()
 pytestmark = pytest.mark.skipif(bool(REASONS), reason=f"CUDA backend not usable here: {'; '.join(REASONS)}")
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-FIELDS = ("loss", "logits", "metric", "weights", "margin", "implicit_acc", "model_mse", "ref_mse")
 GRID = config_grid()
 CHUNK_FP32 = 256 * 8 * 4  # csrc/cuda/kernels.h: MSE_THREADS * MSE_ITERS * 16 bytes / 4 bytes
 
 
 def run(backend, model, ref, target, annots, cfg, ready=True, device="cuda"):
-    mv = lambda x: x.detach().to(device)  # noqa: E731
-    m = mv(model).requires_grad_(True)
-    out = adaptive_dpo_loss(m, mv(ref), mv(target), [mv(a) for a in annots], cfg, ready, backend=backend)
-    out.loss.backward()
-    return out, m.grad
+    return utils.run_backend(backend, model, ref, target, annots, cfg, ready, device)
 
 
 def check_vs_reference(model, ref, target, annots, cfg, ready=True, what=""):
-    out, grad = run("cuda", model, ref, target, annots, cfg, ready)
-    peer, peer_grad = run("torch", model, ref, target, annots, cfg, ready)
-    d = torch.float64
-    exact, exact_grad = run("torch", model.to(d), ref.to(d), target.to(d), [a.to(d) for a in annots], cfg,
-                            ready, device="cpu")
-    for f in FIELDS:
-        a, p, e = getattr(out, f), getattr(peer, f).cpu(), getattr(exact, f)
-        assert a.is_cuda and a.dtype == p.dtype, f
-        scale = e.abs().max().item()
-        peer_err = (p.double() - e).abs().max().item()
-        assert_close(a, e, atol=2 * peer_err + 8e-6 * max(scale, 1e-30), rtol=0, name=what + f)
-    scale = exact_grad.abs().max().item()
-    peer_err = (peer_grad.cpu().double() - exact_grad).abs().max().item()
-    assert_close(grad, exact_grad, atol=2 * peer_err + 8e-6 * scale, rtol=0, name=what + "grad")
-    return out, grad
+    return utils.check_vs_reference("cuda", model, ref, target, annots, cfg, ready, what, device="cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -73,3 +73,41 @@ def config_grid():
         ("flip", AdaptiveDPOConfig(flip_ratio=0.3, flip_threshold=0.0, margin_type="linear", **base), True),
     ]
     return out
+
+
+FIELDS = ("loss", "logits", "metric", "weights", "margin", "implicit_acc", "model_mse", "ref_mse")
+
+
+def run_backend(backend, model, ref, target, annots, cfg, ready=True, device=None):
+    """Outputs and d loss / d model_pred of one public call (inputs moved to ``device`` if given)."""
+    from adpo_kernels import adaptive_dpo_loss
+
+    mv = (lambda x: x.detach().to(device)) if device is not None else (lambda x: x.detach())  # noqa: E731
+    m = mv(model).clone().requires_grad_(True)
+    out = adaptive_dpo_loss(m, mv(ref), mv(target), [mv(a) for a in annots], cfg, ready, backend=backend)
+    out.loss.backward()
+    return out, m.grad
+
+
+def check_vs_reference(backend, model, ref, target, annots, cfg, ready=True, what="", device=None):
+    """A fused backend is at most twice as far from the float64 oracle as torch in the same
+    dtype is, plus 8 accumulation-dtype eps of the quantity's scale; outputs and gradient."""
+    out, grad = run_backend(backend, model, ref, target, annots, cfg, ready, device)
+    peer, peer_grad = run_backend("torch", model, ref, target, annots, cfg, ready, device)
+    d = torch.float64
+    exact, exact_grad = run_backend("torch", model.to(d), ref.to(d), target.to(d), [a.to(d) for a in annots],
+                                    cfg, ready, device="cpu")
+    acc_eps = 1e-13 if model.dtype == torch.float64 else 1e-6
+    want_device = torch.device(device) if device is not None else model.device
+    for f in FIELDS:
+        a, p, e = getattr(out, f), getattr(peer, f), getattr(exact, f)
+        assert a.device.type == want_device.type and a.dtype == p.dtype, \
+            f"{what}{f}: {a.dtype} on {a.device}, torch gives {p.dtype}"
+        scale = e.double().abs().max().item()
+        peer_err = (p.double().cpu() - e.double()).abs().max().item()
+        assert_close(a, e, atol=2 * peer_err + 8 * acc_eps * max(scale, 1e-30), rtol=0, name=what + f)
+    assert grad.dtype == model.dtype and grad.shape == model.shape
+    scale = exact_grad.abs().max().item()
+    peer_err = (peer_grad.double().cpu() - exact_grad).abs().max().item()
+    assert_close(grad, exact_grad, atol=2 * peer_err + 8 * acc_eps * scale, rtol=0, name=what + "grad")
+    return out, grad
