@@ -1,21 +1,27 @@
-"""Build script.  Install with ``pip install -e . --no-build-isolation`` (build isolation
-would reinstall the whole torch stack; flash-attention and apex use the same convention).
+"""Extension build (the package metadata is in pyproject.toml).
 
-Extensions (sources globbed from csrc/, compiled with ninja through
-``torch.utils.cpp_extension``; see docs/csrc.md):
+Extensions (sources from csrc/, compiled with ninja through ``torch.utils.cpp_extension``;
+flags in ``adpo_kernels/_recipe.py``, shared with the just-in-time build; see docs/csrc.md):
 
-* ``adpo_kernels._C`` (csrc/cpu/*.cpp): the C++ CPU kernels.  Always built when torch
-  is importable at build time.
+* ``adpo_kernels._C`` (csrc/cpu/*.cpp): the C++ CPU kernels.  Built when torch is
+  importable at build time (``pip install --no-build-isolation``).
 * ``adpo_kernels._C_cuda`` (csrc/cuda/*.cpp, *.cu): the CUDA kernels.  Built when torch
   is a CUDA build, a CUDA toolkit is found, and a GPU is visible or ``ADPO_FORCE_CUDA=1``.
+
+They are separate extensions and each may fail on its own: a failed one is reported
+(build metadata, ``python -m adpo_kernels.info``) and left to the just-in-time build,
+unless ``ADPO_FORCE_CUDA=1`` makes every failure fatal.  A build without torch (the default
+isolated ``pip install .``) compiles nothing: the package then builds the kernels on first
+use (adpo_kernels/_jit.py), from the csrc/ copy this script puts in the package.
 
 Environment switches:
 
 ``ADPO_FORCE_CUDA=1``      build the CUDA extension without a visible GPU (CI does); the
-                           build fails if it cannot (no toolkit, CPU-only torch).
+                           build fails if either extension cannot be built.
 ``ADPO_SKIP_CUDA_BUILD=1`` never build the CUDA extension.
 ``ADPO_CUDA_ARCHS``        archs to compile for, ``;``/``,``/space separated, e.g.
-                           ``"8.0;9.0+PTX"`` (default), ``"90a"``, ``"sm_80 sm_90"``.
+                           ``"8.0;9.0+PTX"``, ``"90a"``, ``"sm_80 sm_90"``; default
+                           ``TORCH_CUDA_ARCH_LIST`` when that is set, else ``"8.0;9.0+PTX"``.
 ``MAX_JOBS``               parallel compile jobs (ninja).
 ``CUDA_HOME``              the toolkit (default: /usr/local/cuda when it has bin/nvcc).
 
@@ -23,99 +29,38 @@ The build writes ``adpo_kernels/_build_info.json`` (versions, archs, which exten
 built and why one was not); ``python -m adpo_kernels.info`` prints it.
 """
 import datetime
-import glob
+import importlib.util
 import json
 import os
 import platform
 import re
-import subprocess
+import shutil
 import sys
 import time
 
-from setuptools import find_packages, setup
+from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PKG = "adpo_kernels"
-VERSION = "0.1.0"
 BUILD_INFO = "_build_info.json"
-DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+CSRC = os.path.join(HERE, "csrc")
+
+_spec = importlib.util.spec_from_file_location("_adpo_recipe", os.path.join(HERE, PKG, "_recipe.py"))
+recipe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(recipe)
+VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join(HERE, PKG, "__init__.py")).read()).group(1)
+# kept for importers of the old names
+parse_cuda_archs, gencode_flags, DEFAULT_CUDA_ARCHS = recipe.parse_cuda_archs, recipe.gencode_flags, \
+    recipe.DEFAULT_CUDA_ARCHS
 
 
 def _flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _default_cuda_home():
-    # torch guesses CUDA_HOME from `which nvcc`, which is a wrapper in /usr/local/bin on some
-    # machines; the link then fails.  Prefer the real toolkit when it is where it usually is.
-    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
-        if os.path.exists("/usr/local/cuda/bin/nvcc"):
-            os.environ["CUDA_HOME"] = "/usr/local/cuda"
-
-
-def parse_cuda_archs(spec):
-    """``"8.0;9.0+PTX"`` -> ``[("80", False), ("90", True)]`` (arch digits[+suffix], emit PTX)."""
-    archs = []
-    for tok in re.split(r"[;,\s]+", spec.strip()):
-        if not tok:
-            continue
-        ptx = tok.upper().endswith("+PTX")
-        tok = tok[:-4] if ptx else tok
-        tok = re.sub(r"^(sm_?|compute_?)", "", tok.lower())
-        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)|(\d{2,3})([af]?)", tok)
-        if not m:
-            raise ValueError(f"ADPO_CUDA_ARCHS: cannot parse arch {tok!r} in {spec!r}; "
-                             f"expected e.g. '8.0', '90', 'sm_90a' or '9.0+PTX'")
-        arch = m.group(1) + m.group(2) + m.group(3) if m.group(1) else m.group(4) + m.group(5)
-        archs.append((arch, ptx))
-    if not archs:
-        raise ValueError(f"ADPO_CUDA_ARCHS: no arch in {spec!r}")
-    return archs
-
-
-def gencode_flags(archs):
-    flags = []
-    for arch, ptx in archs:
-        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
-        if ptx:
-            flags.append(f"-gencode=arch=compute_{arch},code=compute_{arch}")
-    return flags
-
-
-def _nvidia_include_dirs():
-    """Headers of torch's nvidia wheels (cuBLAS etc.) that ATen's CUDA headers include and
-    a bare CUDA toolkit may lack (site-packages/nvidia/cu13/include)."""
-    try:
-        import nvidia
-    except ImportError:
-        return []
-    dirs = []
-    for base in getattr(nvidia, "__path__", []):
-        for inc in sorted(glob.glob(os.path.join(base, "*", "include"))):
-            if re.fullmatch(r"cu\d+", os.path.basename(os.path.dirname(inc))) or os.path.exists(
-                    os.path.join(inc, "cublas_v2.h")):
-                dirs.append(inc)
-    return dirs
-
-
-def _nvcc_version(cuda_home):
-    try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
-                             text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"release [\d.]+, V([\d.]+)", out)
-    return m.group(1) if m else None
-
-
-def _rel_sources(*patterns):
-    files = []
-    for pat in patterns:
-        files += glob.glob(os.path.join(HERE, pat))
-    # Relative to setup.py, in a stable order with the ISA-specific kernels last: the linker
-    # keeps the first copy of an inline function that several objects emit, and that copy
-    # must be one compiled for any CPU, not the AVX2 one.
-    return sorted((os.path.relpath(f, HERE) for f in files), key=lambda f: ("avx" in os.path.basename(f), f))
+def _rel(paths):
+    return [os.path.relpath(p, HERE) for p in paths]
 
 
 def plan_extensions():
@@ -133,21 +78,21 @@ def plan_extensions():
     try:
         import torch
     except ImportError as exc:
-        reason = f"torch is not importable at build time ({exc}); install torch first and build with " \
-                 f"--no-build-isolation"
+        reason = (f"torch was not importable at build time ({exc}): the kernels are built on first use "
+                  f"instead; to build them at install time, install torch first and use --no-build-isolation")
         info["extensions"] = {f"{PKG}._C": {"built": False, "reason": reason},
                               f"{PKG}._C_cuda": {"built": False, "reason": reason}}
         return [], info
-    _default_cuda_home()
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and recipe.cuda_home():
+        os.environ["CUDA_HOME"] = recipe.cuda_home()
     from torch.utils import cpp_extension as cpp
 
     info["torch"] = torch.__version__
     info["torch_cuda"] = torch.version.cuda
     exts = []
-    cxx_flags = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]  # torch's headers use CUDA's #pragma unroll
-    cpu_sources = _rel_sources("csrc/cpu/*.cpp")
-    exts.append(cpp.CppExtension(f"{PKG}._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
-                                 extra_link_args=["-fopenmp"]))
+    cpu_sources = _rel(recipe.sources(CSRC, "cpu"))
+    exts.append(cpp.CppExtension(f"{PKG}._C", cpu_sources, extra_compile_args={"cxx": recipe.CXX_FLAGS},
+                                 extra_link_args=recipe.LINK_FLAGS, optional=not info["force_cuda"]))
     info["extensions"][f"{PKG}._C"] = {"built": False, "reason": "build did not finish", "sources": cpu_sources}
 
     cuda_reason = None
@@ -168,19 +113,21 @@ def plan_extensions():
         raise RuntimeError(f"ADPO_FORCE_CUDA=1 but the CUDA extension cannot be built: {cuda_reason}")
 
     if cuda_reason is None:
-        archs = parse_cuda_archs(os.environ.get("ADPO_CUDA_ARCHS") or DEFAULT_CUDA_ARCHS)
+        spec, var = recipe.cuda_arch_spec()
+        archs = recipe.parse_cuda_archs(spec, var)
         # torch's own arch detection crashes without a GPU when this is unset; our explicit
         # -gencode flags take precedence anyway.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(
-            f"{a[:-1]}.{a[-1]}" + ("+PTX" if p else "") for a, p in archs if a.isdigit()) or "9.0")
-        cuda_sources = _rel_sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu")
-        nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + gencode_flags(archs)
-        exts.append(cpp.CUDAExtension(f"{PKG}._C_cuda", cuda_sources, include_dirs=_nvidia_include_dirs(),
-                                      extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags}))
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", recipe.torch_arch_list(archs))
+        cuda_sources = _rel(recipe.sources(CSRC, "cuda"))
+        nvcc_flags = recipe.NVCC_FLAGS + recipe.gencode_flags(archs)
+        exts.append(cpp.CUDAExtension(f"{PKG}._C_cuda", cuda_sources, include_dirs=recipe.nvidia_include_dirs(),
+                                      extra_compile_args={"cxx": recipe.CUDA_CXX_FLAGS, "nvcc": nvcc_flags},
+                                      optional=not info["force_cuda"]))
         info["cuda_home"] = cpp.CUDA_HOME
         info["nvcc"] = _nvcc_version(cpp.CUDA_HOME)
         info["cuda_archs"] = [a + ("+PTX" if p else "") for a, p in archs]
-        info["nvcc_gencode"] = gencode_flags(archs)
+        info["cuda_archs_from"] = var
+        info["nvcc_gencode"] = recipe.gencode_flags(archs)
         info["extensions"][f"{PKG}._C_cuda"] = {"built": False, "reason": "build did not finish",
                                                 "sources": cuda_sources}
     else:
@@ -188,26 +135,76 @@ def plan_extensions():
     return exts, info
 
 
+def _nvcc_version(cuda_home):
+    import subprocess
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release [\d.]+, V([\d.]+)", out)
+    return m.group(1) if m else None
+
+
 EXTENSIONS, BUILD_METADATA = plan_extensions()
 
 
-def get_extensions():
-    return EXTENSIONS
+def _write_info(info, dirs):
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+        tmp = os.path.join(d, BUILD_INFO + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(info, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, os.path.join(d, BUILD_INFO))
+
+
+class BuildPyWithSources(build_py):
+    """The Python package, plus csrc/ as ``adpo_kernels/csrc`` (the just-in-time build's
+    sources) and the build plan as ``_build_info.json`` (build_ext replaces it with what it built)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):  # the JIT build finds ../csrc next to the package
+            _write_info(BUILD_METADATA, [os.path.join(HERE, PKG)])
+            return
+        dest = os.path.join(self.build_lib, PKG, "csrc")
+        shutil.rmtree(dest, ignore_errors=True)
+        for src in recipe.csrc_files(CSRC):
+            out = os.path.join(dest, os.path.relpath(src, CSRC))
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            shutil.copy2(src, out)
+        _write_info(BUILD_METADATA, [os.path.join(self.build_lib, PKG)])
 
 
 def get_cmdclass():
+    cmdclass = {"build_py": BuildPyWithSources}
     if not EXTENSIONS:
-        return {}
+        return cmdclass
     from torch.utils.cpp_extension import BuildExtension
 
     class BuildExtensionWithInfo(BuildExtension):
         """ninja build of csrc/, then the build metadata next to the built modules."""
+
+        failed = {}
 
         def finalize_options(self):
             super().finalize_options()
             if self.inplace:  # editable install: keep objects in ./build so ninja rebuilds only what changed
                 self.build_temp = os.path.join(HERE, "build", f"temp.{platform.system().lower()}-"
                                                f"{platform.machine()}-{sys.implementation.cache_tag}")
+
+        def build_extension(self, ext):
+            # torch's ninja build raises RuntimeError, which setuptools' `optional` does not catch
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                if not ext.optional:
+                    raise
+                last = [ln for ln in str(exc).strip().splitlines() if ln.strip()][-1:] or [""]
+                self.failed[ext.name] = f"compile failed at install time ({type(exc).__name__}: {last[0]})"
+                print(f"WARNING: {ext.name} was not built: {exc}\n  the other extension is unaffected; "
+                      f"`python -m adpo_kernels.info` reports this", file=sys.stderr)
 
         def run(self):
             start = time.time()
@@ -218,42 +215,16 @@ def get_cmdclass():
             info["extensions"] = {k: dict(v) for k, v in BUILD_METADATA["extensions"].items()}
             for ext in self.extensions:
                 entry = info["extensions"][ext.name]
-                entry["built"] = os.path.exists(self.get_ext_fullpath(ext.name))
+                built_path = self.get_ext_fullpath(ext.name)
+                entry["built"] = os.path.exists(built_path) and ext.name not in self.failed
                 entry.pop("reason", None)
                 if not entry["built"]:
-                    entry["reason"] = "the build finished without writing the module"
+                    entry["reason"] = self.failed.get(ext.name, "the build finished without writing the module")
             out_dir = os.path.dirname(self.get_ext_fullpath(f"{PKG}._C"))
-            for d in {out_dir, os.path.join(HERE, PKG) if self.inplace else out_dir}:
-                os.makedirs(d, exist_ok=True)
-                with open(os.path.join(d, BUILD_INFO), "w") as f:
-                    json.dump(info, f, indent=2, sort_keys=True)
-                    f.write("\n")
+            _write_info(info, {out_dir, os.path.join(HERE, PKG) if self.inplace else out_dir})
 
-    return {"build_ext": BuildExtensionWithInfo.with_options(use_ninja=True)}
+    cmdclass["build_ext"] = BuildExtensionWithInfo.with_options(use_ninja=True)
+    return cmdclass
 
 
-setup(
-    name="adpo-kernels",
-    version=VERSION,
-    description="Fused GPU/CPU kernels and a fast trainer for Diffusion-DPO and Adaptive-DPO",
-    long_description=open(os.path.join(HERE, "README.md")).read(),
-    long_description_content_type="text/markdown",
-    license="Apache-2.0",
-    python_requires=">=3.10",
-    packages=find_packages(include=["adpo_kernels", "adpo_kernels.*", "adpo_train", "adpo_train.*",
-                                    "bench", "bench.*"]),
-    package_data={"adpo_kernels": ["_build_info.json"]},
-    install_requires=["torch>=2.6", "numpy"],
-    extras_require={
-        "triton": ["triton"],
-        "train": ["diffusers", "transformers", "accelerate", "peft", "safetensors", "tqdm", "pillow",
-                  "pyarrow", "matplotlib"],
-        "test": ["pytest", "hypothesis"],
-        "bench": ["pytest-benchmark", "matplotlib"],
-        "xformers": ["xformers"],
-    },
-    entry_points={"console_scripts": ["adpo-train=adpo_train.cli:main", "adpo-bench=bench.__main__:main"]},
-    ext_modules=get_extensions(),
-    cmdclass=get_cmdclass(),
-    zip_safe=False,
-)
+setup(ext_modules=EXTENSIONS, cmdclass=get_cmdclass())

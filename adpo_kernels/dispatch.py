@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import distributed, reference
+from . import _jit, distributed, reference
 from .config import AdaptiveDPOConfig
 from .output import AdaptiveDPOOutput
 
@@ -140,15 +140,16 @@ def _load_triton() -> Optional[str]:
 
 
 def _load_cpu() -> Optional[str]:
-    return _import("adpo_kernels._C", "C++ extension adpo_kernels._C (build with `pip install -e . --no-build-isolation`)")
+    # the prebuilt adpo_kernels._C, else a just-in-time build of csrc/ (adpo_kernels/_jit.py)
+    return _jit.load_extension("cpu")
 
 
 def _load_cuda() -> Optional[str]:
-    reason = _import("adpo_kernels._C_cuda", "CUDA extension adpo_kernels._C_cuda (built when a CUDA toolkit is present)")
     if not torch.cuda.is_available():
+        reason = _jit.load_extension("cuda", jit=False)  # a prebuilt one still loads: say so
         built = "not built, " if reason else "built, but "
         return f"adpo_kernels._C_cuda {built}no CUDA device visible (torch.cuda.is_available() is False)"
-    return reason
+    return _jit.load_extension("cuda")
 
 
 BACKENDS: dict[str, Backend] = {
@@ -160,9 +161,30 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def available_backends() -> dict[str, list[str]]:
-    """``{name: []}`` for every usable backend, ``{name: [reasons]}`` for the others."""
-    return {name: b.unavailable() for name, b in BACKENDS.items()}
+def available_backends(detail: bool = False) -> dict:
+    """``{name: []}`` for every usable backend, ``{name: [reasons]}`` for the others.
+
+    ``detail=True`` gives ``{name: {"usable", "origin", "reasons", "how"}}`` instead, where
+    ``origin`` says where the backend's code came from: ``"prebuilt"`` (compiled at install
+    time), ``"jit-built"`` (compiled now, on first use), ``"jit-cached"`` (compiled on an
+    earlier first use, reused), ``"python"`` (torch reference, Triton) or ``"unavailable"``,
+    and ``how`` is one line with paths and timings (``python -m adpo_kernels.info`` prints it).
+    """
+    reasons = {name: b.unavailable() for name, b in BACKENDS.items()}
+    if not detail:
+        return reasons
+    out = {}
+    for name, why in reasons.items():
+        if name in _jit.recipe.MODULES and _jit.STATUS.get(name, {}).get("origin", "unavailable") != "unavailable":
+            origin, how = _jit.STATUS[name]["origin"], _jit.describe(name)
+            if why:  # e.g. the CUDA module is there but no GPU is
+                origin, how = "unavailable", f"{how}; but " + "; ".join(why)
+        elif why:
+            origin, how = "unavailable", "; ".join(why)
+        else:
+            origin, how = "python", BACKENDS[name].description
+        out[name] = {"usable": not why, "origin": origin, "reasons": why, "how": how}
+    return out
 
 
 def select(backend: str, device: torch.device, dtype: torch.dtype, num_annotators: int) -> Backend:

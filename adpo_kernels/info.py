@@ -1,9 +1,12 @@
 """``python -m adpo_kernels.info``: versions, build metadata, and every backend's status.
 
-The build metadata is the ``_build_info.json`` that ``setup.py`` writes next to the
-compiled extensions (torch/CUDA/Python versions, CUDA archs, which extensions were built
-and why one was not).  Backends are listed with ``available_backends()``: an empty list
-of reasons means usable.  ``--json`` prints everything as one JSON object.
+The build metadata is the ``_build_info.json`` that ``setup.py`` writes into the package
+(torch/CUDA/Python versions, CUDA archs, which extensions were built at install time and
+why one was not).  Backends are listed with ``available_backends(detail=True)``: usable or
+not and why, and where each one's code came from: prebuilt at install time, built just in
+time on first use (with the path of the module and of its build log), or the Python
+packages.  Collecting this loads the extensions, so it may run the just-in-time build
+(adpo_kernels/_jit.py) itself.  ``--json`` prints everything as one JSON object.
 """
 from __future__ import annotations
 
@@ -55,10 +58,16 @@ def collect() -> dict[str, Any]:
         versions["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
     else:
         versions["gpu"] = None
-    backends = adpo_kernels.available_backends()
+    from . import _jit
+
+    detail = adpo_kernels.available_backends(detail=True)
+    backends = {name: d["reasons"] for name, d in detail.items()}
     if not backends.get("cpu"):
         versions["cpu_kernel_isa"] = importlib.import_module("adpo_kernels._C").cpu_isa()
-    return {"versions": versions, "build": build_info(), "backends": backends}
+    jit = {"enabled": _jit.enabled(), "sources": _jit.csrc_root(), "cache": _jit.cache_root(),
+           "records": {k: v for k, v in _jit.STATUS.items() if v.get("origin", "").startswith("jit")}}
+    return {"versions": versions, "build": build_info(), "backends": backends,
+            "origins": {name: {k: d[k] for k in ("origin", "how")} for name, d in detail.items()}, "jit": jit}
 
 
 def format_report(info: dict[str, Any]) -> str:
@@ -67,8 +76,7 @@ def format_report(info: dict[str, Any]) -> str:
     build = info["build"]
     lines += ["", "build metadata:"]
     if build is None:
-        lines.append(f"  none ({BUILD_INFO_FILE} is missing: build with "
-                     f"`pip install -e . --no-build-isolation`)")
+        lines.append(f"  none ({BUILD_INFO_FILE} is missing: a source checkout that was never built)")
     else:
         for key in ("built_at", "build_seconds", "torch", "torch_cuda", "python", "nvcc", "cuda_archs",
                     "force_cuda", "skip_cuda", "gpu_visible_at_build", "cuda_requested"):
@@ -77,12 +85,18 @@ def format_report(info: dict[str, Any]) -> str:
         for name, ext in build.get("extensions", {}).items():
             status = "built" if ext.get("built") else f"not built: {ext.get('reason', 'unknown')}"
             lines.append(f"  {name}: {status}")
+    jit = info["jit"]
+    lines += ["", f"just-in-time build ({'on' if jit['enabled'] else 'off'}, ADPO_JIT): sources {jit['sources']}, "
+                  f"cache {jit['cache']}"]
     lines += ["", "backends (auto order: cuda > triton > torch on GPU, cpu > torch on CPU):"]
     for name, reasons in info["backends"].items():
+        origin = info["origins"][name]
         status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
         if name == "triton" and not reasons:
             status += " (CUDA tensors; CPU tensors only in the interpreter, TRITON_INTERPRET=1)"
         lines.append(f"  {name}: {status}")
+        if origin["origin"] not in ("python", "unavailable"):
+            lines.append(f"    from: {origin['how']}")
     return "\n".join(lines)
 
 
