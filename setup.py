@@ -29,6 +29,7 @@ The build writes ``adpo_kernels/_build_info.json`` (versions, archs, which exten
 built and why one was not); ``python -m adpo_kernels.info`` prints it.
 """
 import datetime
+import glob
 import importlib.util
 import json
 import os
@@ -168,6 +169,10 @@ class BuildPyWithSources(build_py):
         if getattr(self, "editable_mode", False):  # the JIT build finds ../csrc next to the package
             _write_info(BUILD_METADATA, [os.path.join(HERE, PKG)])
             return
+        # build/lib outlives a build: a module compiled by an earlier build must not slip into
+        # this wheel (build_ext puts back the ones this build makes)
+        for stale in glob.glob(os.path.join(self.build_lib, PKG, "_C*.so")):
+            os.remove(stale)
         dest = os.path.join(self.build_lib, PKG, "csrc")
         shutil.rmtree(dest, ignore_errors=True)
         for src in recipe.csrc_files(CSRC):

@@ -23,7 +23,6 @@ and ``python -m adpo_kernels.info``.
 from __future__ import annotations
 
 import datetime
-import fcntl
 import importlib
 import importlib.util
 import json
@@ -193,6 +192,8 @@ def _build(p: dict[str, Any]) -> dict[str, Any]:
 
 def build(kind: str) -> dict[str, Any]:
     """Build ``kind`` once into the cache (or find it there) and return its record; no import."""
+    import fcntl  # POSIX only, like the build itself
+
     p = plan(kind)
     os.makedirs(p["directory"], exist_ok=True)
     start = time.monotonic()

@@ -149,3 +149,22 @@ def test_cuda_arch_default_follows_torch_cuda_arch_list():
     assert _recipe.parse_cuda_archs("8.0;9.0+PTX") == [("80", False), ("90", True)]
     with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST: cannot parse arch 'hopper'"):
         _recipe.parse_cuda_archs("Hopper", "TORCH_CUDA_ARCH_LIST")
+
+
+def test_cuda_plan_uses_the_install_time_recipe(monkeypatch):
+    """The CUDA JIT build compiles with setup.py's flags; without a GPU it is not attempted."""
+    import torch
+
+    monkeypatch.setenv("ADPO_CUDA_ARCHS", "8.0;9.0+PTX")
+    p = _jit.plan("cuda")
+    args = p["load_args"]
+    assert [os.path.basename(s) for s in args["sources"]] == ["kernels.cu", "module.cpp", "ops_cuda.cpp"]
+    assert args["name"] == "_C_cuda" and args["with_cuda"]
+    assert args["extra_cuda_cflags"] == _recipe.NVCC_FLAGS + [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90"]
+    assert p["env"]["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX"
+    monkeypatch.setenv("ADPO_CUDA_ARCHS", "9.0")
+    assert _jit.plan("cuda")["key"] != p["key"]  # other archs, another cache entry
+    if torch.version.cuda and not torch.cuda.is_available():
+        assert "no CUDA device visible" in (_jit.unavailable("cuda") or "")
