@@ -167,18 +167,18 @@ def available_backends(detail: bool = False) -> dict:
     ``detail=True`` gives ``{name: {"usable", "origin", "reasons", "how"}}`` instead, where
     ``origin`` says where the backend's code came from: ``"prebuilt"`` (compiled at install
     time), ``"jit-built"`` (compiled now, on first use), ``"jit-cached"`` (compiled on an
-    earlier first use, reused), ``"python"`` (torch reference, Triton) or ``"unavailable"``,
-    and ``how`` is one line with paths and timings (``python -m adpo_kernels.info`` prints it).
+    earlier first use, reused), ``"python"`` (torch reference, Triton) or ``"unavailable"``
+    (no code: see ``reasons``); a prebuilt CUDA module without a GPU is ``"prebuilt"`` and
+    not usable.  ``how`` is one line with paths and timings (``python -m adpo_kernels.info``).
     """
     reasons = {name: b.unavailable() for name, b in BACKENDS.items()}
     if not detail:
         return reasons
     out = {}
     for name, why in reasons.items():
-        if name in _jit.recipe.MODULES and _jit.STATUS.get(name, {}).get("origin", "unavailable") != "unavailable":
-            origin, how = _jit.STATUS[name]["origin"], _jit.describe(name)
-            if why:  # e.g. the CUDA module is there but no GPU is
-                origin, how = "unavailable", f"{how}; but " + "; ".join(why)
+        origin = _jit.STATUS.get(name, {}).get("origin")  # set for cpu and cuda by their loaders
+        if origin is not None and origin != "unavailable":
+            how = _jit.describe(name)
         elif why:
             origin, how = "unavailable", "; ".join(why)
         else:

@@ -47,6 +47,8 @@ def test_cpu_extension_built_and_registered():
     for stage in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"adpo::cpu_{stage}", "CPU")
     assert adpo_kernels.available_backends()["cpu"] == []
+    # the module the build made, not a just-in-time build standing in for a missing one
+    assert adpo_kernels.available_backends(detail=True)["cpu"]["origin"] == "prebuilt"
 
 
 @needs_build
