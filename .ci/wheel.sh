@@ -4,13 +4,14 @@
 # wheel carrying csrc/), a wheel built from that sdist too, both checked with `unzip -l`;
 # then the wheel installed into a fresh virtual environment that has the project's torch,
 # where the cpu backend must be built just in time, once, and give the same bits as the
-# prebuilt kernels of the development environment.
+# prebuilt kernels of the development environment.  Last, a wheel built against torch
+# (--no-build-isolation) must carry the compiled module and report it as prebuilt.
 #
 # The fresh environment gets torch through a .pth line pointing at a view of .venv that holds
 # only torch, numpy, ninja and their dependencies (.ci/torch_view.py): a new venv with its
 # own torch 2.14.1 would cost ~2 min and 5.8 GB, and a .pth to the whole of .venv would
 # expose the editable adpo_kernels.  The leg checks the installed copy is the one imported.
-# Takes about 3.5 min on the 2-core CI machine (a CPU and a CUDA JIT build, two pip builds).
+# Takes about 4 min on the 2-core CI machine (CPU and CUDA JIT builds, a CPU build at wheel time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -134,4 +135,15 @@ grep -q "adpo_kernels._C: not built: torch was not importable at build time" "$W
 say "ADPO_JIT=0 with an empty cache: the torch reference, and info says why"
 TORCH_EXTENSIONS_DIR=$WORK/ext-off ADPO_JIT=0 "$V/python" -m adpo_kernels.info > "$WORK/info-off.txt"
 grep -q "  cpu: unavailable: no prebuilt adpo_kernels._C .*ADPO_JIT=0" "$WORK/info-off.txt" || { cat "$WORK/info-off.txt"; fail "info: ADPO_JIT=0"; }
+say "pip wheel --no-build-isolation (torch importable): a platform wheel with the compiled module, reported as prebuilt"
+(cd "$WORK/src" && ADPO_FORCE_CUDA=0 ADPO_SKIP_CUDA_BUILD=1 "$DEV_PY" -m pip wheel -q --no-build-isolation --no-deps \
+    -w "$WORK/dist-prebuilt" . > "$WORK/wheel3.log" 2>&1) || { tail -20 "$WORK/wheel3.log"; fail "pip wheel --no-build-isolation"; }
+PRE=$(ls "$WORK"/dist-prebuilt/adpo_kernels-*.whl)
+[[ $(basename "$PRE") != *-py3-none-any.whl ]] || fail "a build against torch should make a platform wheel: $PRE"
+unzip -l "$PRE" | grep -q 'adpo_kernels/_C\.cpython.*\.so$' || fail "the platform wheel lacks adpo_kernels/_C"
+"$V/pip" install -q --no-index --no-deps --force-reinstall "$PRE"
+"$V/python" "$ROOT/.ci/wheel_check.py" --expect prebuilt --out "$WORK/pre-wheel.pt"
+"$V/python" -c "import sys, torch; a, b = (torch.load(f) for f in sys.argv[1:])
+assert all(torch.equal(x, b['outputs'][d][k]) for d, o in a['outputs'].items() for k, x in o.items())" \
+    "$WORK/jit1.pt" "$WORK/pre-wheel.pt" || fail "prebuilt wheel and JIT build differ"
 say "ok ($(( $(date +%s) - START )) s)"

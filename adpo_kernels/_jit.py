@@ -168,6 +168,7 @@ def _build(p: dict[str, Any]) -> dict[str, Any]:
     what, eta = WHAT[p["kind"]]
     print(f"adpo_kernels: building the {what} just in time (once, {eta}; log: {p['log']}; "
           f"{ENV}=0 turns this off)...", file=sys.stderr, flush=True)
+    os.makedirs(p["load_args"]["build_directory"], exist_ok=True)  # torch <= 2.13 does not create it
     stale = os.path.join(p["load_args"]["build_directory"], "lock")  # torch's own lock, left by a killed build
     if os.path.exists(stale):
         os.remove(stale)
