@@ -41,3 +41,20 @@ def test_missing_backend_only_skips_when_not_required():
 def test_unknown_requirement_fails():
     p = _pytest_without("nothing_to_hide", "cpu,fortran")
     assert p.returncode == 1 and "fortran: unknown name" in p.stdout, p.stdout[-2000:]
+
+
+def test_a_skip_for_a_required_backend_fails(tmp_path):
+    """The second guard: a test that skips because a required backend is missing fails (even if
+    the session-start check passed, e.g. a test with its own notion of the backend)."""
+    (tmp_path / "test_fake.py").write_text(
+        "import pytest\n\ndef test_x():\n    pytest.skip('CPU extension not usable: faked')\n")
+    env = {k: v for k, v in os.environ.items() if k != "ADPO_REQUIRE_BACKENDS"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
+           "--rootdir", str(tmp_path), str(tmp_path / "test_fake.py")]
+    runs = {}
+    for require in ("", "cpu"):
+        e = dict(env, PYTHONPATH=ROOT, ADPO_REQUIRE_BACKENDS=require)
+        runs[require] = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    assert runs[""].returncode == 0 and "1 skipped" in runs[""].stdout, runs[""].stdout[-2000:]
+    p = runs["cpu"]
+    assert p.returncode == 1 and "ADPO_REQUIRE_BACKENDS requires (cpu)" in p.stdout, p.stdout[-2000:]
