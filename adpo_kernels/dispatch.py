@@ -202,10 +202,14 @@ def select(backend: str, device: torch.device, dtype: torch.dtype, num_annotator
             raise NotImplementedError(f"backend {name!r} cannot run this call: " + "; ".join(reasons))
         return b
     tried = []
-    for candidate in AUTO_ORDER.get(device.type, ("torch",)):
+    order = AUTO_ORDER.get(device.type, ("torch",))
+    for candidate in order:
         b = BACKENDS[candidate]
         reasons = b.unavailable() or b.unsupported(device, dtype, num_annotators)
         if not reasons:
             return b
         tried.append(f"  {candidate}: " + "; ".join(reasons))
+    for name, b in BACKENDS.items():  # the error lists every backend, not only those tried
+        if name not in order:
+            tried.append(f"  {name}: " + "; ".join(b.unavailable() or b.unsupported(device, dtype, num_annotators)))
     raise NotImplementedError(f"no backend can run a call on {device} with dtype {dtype}:\n" + "\n".join(tried))

@@ -1,6 +1,7 @@
 """pytest-benchmark entry points for the loss micro-benchmarks (not part of the test suite).
 
     pytest bench/test_loss_benchmark.py --benchmark-only                    # tiny on CPU, gpu suite on CUDA
+    (a plain ``pytest`` from the root runs tests/ only: pytest.ini's testpaths)
     ADPO_BENCH_SUITE=cpu-sdxl pytest bench/test_loss_benchmark.py --benchmark-only -k "full"
 
 Same providers, cases, inputs and rotation as ``python -m bench loss``; pytest-benchmark
@@ -34,10 +35,16 @@ def test_loss(benchmark, case, provider, mode):
 
     if provider == "compiled":
         torch._dynamo.reset()
-    f = L.loss_fn(provider, AdaptiveDPOConfig.paper())
+    cfg = AdaptiveDPOConfig.paper()
+    f = L.loss_fn(provider, cfg)
     cap = (4 << 30) if DEVICE.type == "cuda" else (1 << 30)
     n = harness.rotation_sets(case.set_bytes(), DEVICE, cap)
     sets = [L.make_inputs(case, DEVICE, seed) for seed in range(n)]
+    # what is timed computes the right thing: errors against float64 at most 2x eager torch's + fp32 ulps
+    _, lerr, gerr = L._first_call(f, sets[0], cfg, True, DEVICE)
+    _, lerr_eager, gerr_eager = L._first_call(L.loss_fn("eager", cfg), sets[0], cfg, True, DEVICE)
+    eps = torch.finfo(torch.float32).eps
+    assert lerr <= 2 * lerr_eager + 16 * eps and gerr <= 2 * gerr_eager + 16 * eps, (lerr, gerr, lerr_eager, gerr_eager)
     with L._mode_context(provider, mode):
         call = L.mode_call(f, sets, mode)
         counter = itertools.count()

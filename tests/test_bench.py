@@ -26,6 +26,18 @@ def smoke(tmp_path_factory):
     return d, rows
 
 
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def _bytes_that_must_move(case, mode):
+    """From the tensors the benchmark feeds: the forward reads every input once (model, ref, K
+    annotators, the shared target); the backward reads model and target and writes the gradient."""
+    mp, rp, t, an = L.make_inputs(case, torch.device("cpu"), 0)
+    fwd = sum(x.numel() * x.element_size() for x in (mp, rp, t, *an))
+    bwd = 2 * mp.numel() * mp.element_size() + t.numel() * t.element_size()
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+
+
 def _cpu_capable():
     return ["eager", "compiled"] + (["cpu"] if not ak.available_backends()["cpu"] else [])
 
@@ -41,6 +53,7 @@ def test_rows_well_formed(smoke):
             assert r[col], f"empty {col} in {r}"
         assert r["note"] == "ci smoke"
         assert r["status"] in ("ok", "skipped", "error")
+    eager = {(r["dtype"], r["K"], r["shape"]): r for r in rows if r["provider"] == "eager" and r["mode"] == "full"}
     for prov in _cpu_capable():
         for case in L.SUITES["tiny"]["cases"]:
             for mode in L.MODES:
@@ -52,13 +65,20 @@ def test_rows_well_formed(smoke):
                 med, p10, p90, mn = (float(r[k]) for k in ("median_ms", "p10_ms", "p90_ms", "min_ms"))
                 assert 0 < mn <= p10 <= med <= p90 <= float(r["max_ms"])
                 assert int(r["reps"]) >= 3 and float(r["first_call_ms"]) > 0
-                assert int(r["bytes_floor"]) == case.bytes_floor(mode)
-                assert math.isclose(float(r["gbps"]), case.bytes_floor(mode) / (med * 1e-3) / 1e9, rel_tol=1e-3)
-                assert float(r["copy_gbps"]) > 0 and float(r["pct_floor"]) > 0
+                floor = _bytes_that_must_move(case, mode)
+                assert int(r["bytes_floor"]) == floor, (case, mode)
+                # units: GB/s of the floor at the median time; percent of the measured copy bandwidth
+                assert math.isclose(float(r["gbps"]) * med * 1e6, floor, rel_tol=1e-3), r
+                assert math.isclose(float(r["pct_floor"]), 100 * float(r["gbps"]) / float(r["copy_gbps"]), rel_tol=1e-3)
                 assert int(r["rot_sets"]) >= 1 and int(r["alloc_bytes"]) >= 0
                 assert float(r["peak_extra_bytes"]) >= 0
-                # the timed provider computes the right thing (float64 reference, same inputs)
-                assert float(r["loss_rel_err"]) < 1e-3 and float(r["grad_rel_err"]) < 2e-2, r
+                # the timed provider computes the right thing: its (norm-wise) errors against the float64
+                # reference are at most twice eager torch's in the same dtype, plus a few fp32 ulps
+                e = eager[(r["dtype"], r["K"], r["shape"])]
+                for col in ("loss_rel_err", "grad_rel_err"):
+                    assert float(r[col]) <= 2 * float(e[col]) + 16 * FP32_EPS, (col, r)
+    for key, e in eager.items():  # torch's own gradient: rounded to the dtype, computed in fp32
+        assert float(e["grad_rel_err"]) <= torch.finfo(L.DTYPES[key[0]]).eps + 16 * FP32_EPS, e
     for r in rows:
         if r["provider"] not in _cpu_capable():
             assert r["status"] == "skipped" and r["reason"], r  # triton/cuda on CPU: said, not faked

@@ -2,6 +2,10 @@
 
 One toy model folder, one toy Pick-a-Pic parquet and one latent cache per test session,
 built offline in a temporary folder; every trainer test reuses them.
+
+Nothing here skips at import: a test that needs the trainer's packages calls
+:func:`require_trainer_packages` (the helpers below do), so one missing optional package
+skips the tests that need it, not every module that imports this one.
 """
 import atexit
 import os
@@ -10,9 +14,7 @@ import tempfile
 
 import pytest
 
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-pytest.importorskip("accelerate")
+TRAINER_PACKAGES = ("diffusers", "peft", "accelerate")
 
 _ROOT = None
 _ASSETS = {}
@@ -21,8 +23,15 @@ _ASSETS = {}
 FAST = ["--cpu_threads", "1", "--quiet", "--no_plot", "--report_to", "jsonl"]
 
 
+def require_trainer_packages(*packages: str) -> None:
+    """Skip the calling test unless ``packages`` (default: diffusers, peft, accelerate) import."""
+    for name in packages or TRAINER_PACKAGES:
+        pytest.importorskip(name)
+
+
 def root() -> str:
     global _ROOT
+    require_trainer_packages()
     if _ROOT is None:
         _ROOT = tempfile.mkdtemp(prefix="adpo-train-tests-")
         atexit.register(shutil.rmtree, _ROOT, True)
@@ -46,6 +55,7 @@ def toy_assets(num_pairs: int = 24) -> dict:
 
 
 def run_trainer(argv):
+    require_trainer_packages()
     from adpo_train.cli import build_parser, resolve
     from adpo_train.trainer import train
 

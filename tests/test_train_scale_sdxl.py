@@ -27,8 +27,6 @@ def _sdxl_assets():
 def test_sdxl_cache_and_training(tmp_path):
     from safetensors.torch import load_file
 
-    from adpo_train.models import load_text_encoders
-
     model, data, cache = _sdxl_assets()
     index = json.load(open(os.path.join(cache, "index.json")))
     assert index["sdxl"] and index["num_pairs"] == 12
@@ -38,13 +36,25 @@ def test_sdxl_cache_and_training(tmp_path):
     assert shard["pooled"].shape == (n, 32)
     assert shard["time_ids"].shape == (n, 2, 6)
     assert torch.equal(shard["time_ids"][0, 0], torch.tensor([32.0, 32, 0, 0, 32, 32]))
-    # the cache holds what the encoders give for the caption
-    enc = load_text_encoders(model)
+    # the cache holds what SDXL's recipe gives for the caption, computed here with transformers
+    # alone: penultimate hidden states of both CLIP encoders, concatenated, and the second's
+    # projected pooled embedding
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
     from adpo_train.data import PickAPicPairs
 
     cap = PickAPicPairs(data).raw(0)["caption"]
-    text, pooled = enc.encode(**enc.tokenize([cap]))
-    torch.testing.assert_close(shard["text"][0], text[0])
+    hidden, pooled = [], None
+    for sub, cls in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
+        tok = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer" + sub, local_files_only=True)
+        enc = cls.from_pretrained(model, subfolder="text_encoder" + sub, local_files_only=True).eval()
+        ids = tok([cap], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = enc(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2][0])
+        pooled = getattr(out, "text_embeds", None)
+    torch.testing.assert_close(shard["text"][0], torch.cat(hidden, dim=-1))
     torch.testing.assert_close(shard["pooled"][0], pooled[0])
 
     # training from the cache and from images: pooled + time_ids reach the UNet (it would raise without them)
@@ -86,9 +96,14 @@ def test_micro_conditioning_of_a_non_square_image():
     from adpo_train.models import time_ids
 
     buf = io.BytesIO()
-    Image.fromarray(np.zeros((40, 64, 3), np.uint8)).save(buf, format="PNG")  # h=40, w=64
+    ramp = np.broadcast_to((np.arange(64) * 4).astype(np.uint8)[None, :, None], (40, 64, 3))  # value = 4 x column
+    Image.fromarray(np.ascontiguousarray(ramp)).save(buf, format="PNG")  # h=40, w=64
     pixels, (orig, crop) = decode_image(buf.getvalue(), 32, with_meta=True)
+    # a centre crop of a ramp keeps the middle of the ramp: columns 12.5 .. 50.5 of 64 (values ~50 .. ~202),
+    # mean ~126 (-0.01 in [-1, 1]); a crop from the left edge would average ~78 (-0.39)
+    assert abs(float(pixels.mean()) - (126 / 127.5 - 1)) < 0.03, float(pixels.mean())
+    assert 40 < (float(pixels[:, :, 0].mean()) + 1) * 127.5 < 60 and 190 < (float(pixels[:, :, -1].mean()) + 1) * 127.5 < 215
     assert pixels.shape == (3, 32, 32) and orig == (40, 64)
-    assert crop == (0, (round(64 * 32 / 40) - 32) // 2)  # resized to 32 x 51, centre crop from the left
+    assert crop == (0, 9)  # resized to 32 x 51 (64 * 32 / 40 = 51.2), centre crop: (51 - 32) // 2 = 9 from the left
     assert time_ids(orig, crop, 32).tolist() == [40.0, 64.0, 0.0, 9.0, 32.0, 32.0]
     assert decode_image(b"not an image", 32, with_meta=True) == (None, None)

@@ -175,9 +175,22 @@ def test_pairs_large_batch(name):
         assert_close(got, want, 4 * scale(want), 1e-4, field)
     assert_close(loss, exp.loss, 0.0, 1e-5, "loss")
     assert_close(acc, exp.implicit_acc, 1e-6, 0.0, "implicit_acc")
-    if name == "flip":
-        flipped = (metric > torch.clamp(torch.sort(metric).values[int(B * 0.7)], min=0.0))
-        assert 0 < int(flipped.sum()) < B
+    # the per-pair gradient coefficients g_i = d loss / d z_i (which carry the flips' signs), from
+    # the reference's gradient: with N = 1 and target 0, d loss / d x_w = g * (-2) * x_w
+    g_ref = _grad_coef_of_reference(d, cfg, ready)
+    assert_close(g, g_ref, 4 * scale(g_ref), 1e-4, "grad_coef")
+    if name == "flip":  # the reference (not the kernel) says which pairs flip: some, at most the ratio
+        unflipped = _grad_coef_of_reference(d, AdaptiveDPOConfig(**{**cfg.__dict__, "flip_ratio": 0.0}), ready)
+        n_flipped = int((torch.sign(g_ref) != torch.sign(unflipped)).sum())
+        assert 0 < n_flipped <= round(cfg.flip_ratio * B), n_flipped
+
+
+def _grad_coef_of_reference(d, cfg, ready):
+    B = d[0].shape[0] // 2
+    m = d[0].detach().clone().requires_grad_(True)
+    exp = ak.adaptive_dpo_loss(m, *d[1:], config=cfg, annotators_ready=ready, backend="torch")
+    (grad,) = torch.autograd.grad(exp.loss, m)
+    return -grad[:B, 0] / (2 * m[:B, 0].detach())
 
 
 def _mse_rows_as_inputs(mse):

@@ -6,17 +6,21 @@ process's share of one global batch of synthetic pairs through the trainer's own
 ``step_inputs`` (global noise stream), computes the Adaptive-DPO loss with
 ``sync_stats=True`` through :class:`adpo_train.step.StepModels` (policy through the DDP
 wrapper, reference and annotators on the unwrapped module), backpropagates through
-``accelerator.backward`` and saves the loss and the (all-reduced) LoRA gradients.
+``accelerator.backward`` and saves the loss and the (all-reduced) LoRA gradients, once in
+float32 and once in float64 (the test's yardstick for float32's rounding).
 """
+import itertools
 import os
 import sys
 
 import torch
 
 VARIANTS = ("swap", "mixed")
+DTYPES = (torch.float32, torch.float64)
 
 
-def run(out_dir: str, pairs_per_process: int, variants=VARIANTS) -> dict:
+def run(out_dir: str, pairs_per_process: int, variants=VARIANTS, dtypes=DTYPES) -> dict:
+    """``{(variant, dtype): {loss, weights, metric, grads}}`` of this process."""
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
@@ -38,10 +42,11 @@ def run(out_dir: str, pairs_per_process: int, variants=VARIANTS) -> dict:
     sampler = PairBatchSampler(len(data), pairs_per_process, seed=3, rank=rank, world=world)
     batch = collate_cached([data[i] for i in next(iter(sampler))])
     results = {}
-    for variant in variants:
+    for variant, dtype in itertools.product(variants, dtypes):
         unet = build_unet("tiny", seed=0)
         torch.manual_seed(0)  # peft's gaussian LoRA init draws from the global generator
         named = add_lora(unet, 4)
+        unet.to(dtype)  # keeps the Parameter objects: ``params`` below stays valid
         names, params = [n for n, _ in named], [p for _, p in named]
         g = torch.Generator().manual_seed(11)
         with torch.no_grad():
@@ -57,10 +62,10 @@ def run(out_dir: str, pairs_per_process: int, variants=VARIANTS) -> dict:
         ddp_unet, opt = acc.prepare(unet, opt)
         models = StepModels(ddp_unet, acc.unwrap_model(ddp_unet), None, ann)
         gen = torch.Generator().manual_seed(7)
-        x = step_inputs(batch, sched, gen, acc.device, torch.float32, rank=rank, world=world)
+        x = step_inputs(batch, sched, gen, acc.device, dtype, rank=rank, world=world)
         out = models.loss(x, cfg, ready=True)
         acc.backward(out.loss)
-        results[variant] = {"loss": out.loss.detach(), "weights": out.weights, "metric": out.metric,
+        results[variant, dtype] = {"loss": out.loss.detach(), "weights": out.weights, "metric": out.metric,
                             "grads": {n: p.grad.detach().clone() for n, p in zip(names, params)}}
         acc.free_memory()
     torch.save({"results": results, "rank": rank, "world": world, "index": batch["index"]},
