@@ -23,7 +23,8 @@ One program does everything, looping over the pairs in blocks of ``BB`` (any ``B
 pass 1 the batch L2 norms and the mean logit, pass 2 (``std_standardize`` /
 ``weight_normalize``) the sums of ``d`` and ``m``, pass 3 (flipping) the quantile by
 counting ranks (``O(Bg^2)`` comparisons in ``BQ x BC`` tiles, the metric recomputed per
-tile rather than staged through memory), pass 4 the local outputs.  Every variant is a
+tile rather than staged through memory) and then the mean of the flipped logits (the
+margin's ``zbar``, spec section 7), pass 4 the local outputs.  Every variant is a
 ``tl.constexpr`` switch of this one kernel.  The conventions the spec leaves open are
 those of ``adpo_kernels/reference.py`` (its module docstring).
 """
@@ -173,6 +174,15 @@ def _pairs_kernel(
             hit = jam & (lt <= q_idx) & (q_idx < le)
             q = tl.maximum(q, tl.where(hit, ma, float("-inf")))
         T = tl.maximum(tl.max(q, axis=0), flip_threshold)
+        # zbar over the logits as the loss sees them, flipped pairs negated (spec section 7)
+        zs = tl.zeros((BB,), tl.float32)
+        for b0 in range(0, Bg, BB):
+            j = b0 + lanes
+            Z = _logits(mse_ptr, j, j < Bg, Bg, K1, KP)
+            m = _metric(Z, norms, rho, dmean, total, K1, KP, METRIC, LN, STD, WN)
+            z = _row0(Z, KP)
+            zs += tl.where(m > T, -z, z)  # masked pairs have z = 0
+        zbar = tl.sum(zs, axis=0) / Bg
 
     # pass 4: the local pairs
     inv_n = 1.0 / num_pairs

@@ -184,16 +184,13 @@ pairs_kernel(const A* __restrict__ mse, int64_t T, int64_t B, int64_t offset, in
   double* norms = d + B;      // (K + 1,) batch L2 norms
 
   // Logits z and z^(k) of every pair (batch statistics run over all B pairs).
-  double zs = 0.0;
   for (int64_t i = tid; i < B; i += NT) {
     const double ref_diff = (double)mse[2 * B + i] - (double)mse[3 * B + i];
-    const double z = ref_diff - ((double)mse[i] - (double)mse[B + i]);
-    Z[i] = z;
-    zs += z;
+    Z[i] = ref_diff - ((double)mse[i] - (double)mse[B + i]);
     for (int64_t k = 1; k < kp1; ++k)
       Z[k * B + i] = ref_diff - ((double)mse[(k + 1) * 2 * B + i] - (double)mse[(k + 1) * 2 * B + B + i]);
   }
-  const double zbar = block_sum<NT>(zs, sh) / (double)B;  // its barriers publish Z
+  __syncthreads();  // publish Z
 
   // Metric (spec section 4).
   const bool on = p.metric == METRIC_ON;
@@ -252,6 +249,11 @@ pairs_kernel(const A* __restrict__ mse, int64_t T, int64_t B, int64_t offset, in
     const double q = m[qidx];
     thr = q < p.flip_threshold ? p.flip_threshold : q;
   }
+
+  // zbar: the mean of the logits as the loss sees them, flipped pairs negated (spec section 7)
+  double zs = 0.0;
+  for (int64_t i = tid; i < B; i += NT) zs += p.flip && m[i] > thr ? -Z[i] : Z[i];
+  const double zbar = block_sum<NT>(zs, sh) / (double)B;
 
   // This process's pairs: outputs, loss and g_i = d loss / d z_i.
   A* logits = static_cast<A*>(out.logits);
