@@ -70,17 +70,17 @@ def minority_metric(Z: torch.Tensor, cfg: AdaptiveDPOConfig) -> torch.Tensor:
     """Spec section 4 on detached logits ``Z`` of shape ``(K+1, B)`` (row 0: the policy)."""
     z = Z[0]
     if Z.shape[0] == 1:
-        return 1.0 - torch.sigmoid(cfg.rho * z)
+        return torch.sigmoid(-cfg.rho * z)  # = 1 - sigmoid(rho z), without the cancellation
     Zn = Z
     if cfg.logits_normalize:
         Zn = Z / torch.linalg.vector_norm(Z, dim=1, keepdim=True).clamp_min(NORM_EPS)
     s = cfg.rho * Zn
-    c = 1.0 - torch.sigmoid(s).mean(0)
+    c = torch.sigmoid(-s).mean(0)  # = 1 - mean_k sigmoid(s_k)
     d = torch.clamp(s.std(0, unbiased=True), max=1.0)
     m = c * d
     if cfg.std_standardize:
         d_mean = d.mean()
-        m = torch.where(d_mean == 0, 1.0 - torch.sigmoid(cfg.rho * z), m / d_mean)
+        m = torch.where(d_mean == 0, torch.sigmoid(-cfg.rho * z), m / d_mean)
     if cfg.weight_normalize:
         total = m.sum()
         m = torch.where(total == 0, m, m / total)

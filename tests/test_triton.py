@@ -25,6 +25,7 @@ import adpo_kernels as ak
 from adpo_kernels import AdaptiveDPOConfig
 from adpo_kernels.dispatch import BACKENDS
 
+from .nan_cases import CASES as NAN_CASES, check_metric_relative_precision, check_nan_case
 from .utils import DTYPES, assert_close, config_grid, make_inputs
 
 GRID = config_grid()
@@ -380,6 +381,21 @@ def test_kernels_compile_natively_for_sm90():
     res = subprocess.run([sys.executable, "-m", "adpo_kernels.triton._aot", "--arch", "90", "--quick"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
+@needs_device
+@pytest.mark.parametrize("case", list(NAN_CASES))
+def test_nan_rule_matches_reference(case):
+    """One NaN rule in every backend (tests/nan_cases.py); natively on a GPU this is where a
+    NaN-dropping tl.minimum / tl.maximum would show."""
+    check_nan_case("triton", case, device=DEVICE)
+
+
+@needs_device
+@pytest.mark.parametrize("K", [0, 2])
+def test_metric_relative_precision(K):
+    """sigmoid(-rho z), not 1 - sigmoid(rho z): no cancellation at the default rho."""
+    check_metric_relative_precision("triton", K, device=DEVICE)
 
 
 # -- on a GPU ---------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ void pairs_kernel(const acc_t* mse, int64_t T, int64_t B, int64_t offset, int64_
   std::vector<double> m(B, 0.0);
   if (p.metric == METRIC_ON) {
     if (kp1 == 1) {
-      for (int64_t i = 0; i < B; ++i) m[i] = 1.0 - sigmoid(p.rho * z[i]);
+      for (int64_t i = 0; i < B; ++i) m[i] = sigmoid(-p.rho * z[i]);  // 1 - sigmoid(rho z)
     } else {
       std::vector<double> norms(kp1);
       if (p.logits_normalize) {
@@ -106,7 +106,7 @@ void pairs_kernel(const acc_t* mse, int64_t T, int64_t B, int64_t offset, int64_
         double dsum = 0.0;
         for (int64_t i = 0; i < B; ++i) dsum += d[i];
         const double dmean = dsum / (double)B;
-        for (int64_t i = 0; i < B; ++i) m[i] = dmean == 0.0 ? 1.0 - sigmoid(p.rho * z[i]) : m[i] / dmean;
+        for (int64_t i = 0; i < B; ++i) m[i] = dmean == 0.0 ? sigmoid(-p.rho * z[i]) : m[i] / dmean;
       }
       if (p.weight_normalize) {
         double total = 0.0;

@@ -109,7 +109,7 @@ template <typename T> constexpr int64_t kChunk = (int64_t)MSE_THREADS * MSE_ITER
 // aligned (N % (16 / sizeof(T)) == 0 and aligned base pointers).
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(MSE_THREADS, 2)
-mse_partial_kernel(PredPtrs<T> preds, int n_preds, int64_t first, const T* __restrict__ target, int64_t R,
+mse_partial_kernel(const __grid_constant__ PredPtrs<T> preds, int n_preds, int64_t first, const T* __restrict__ target, int64_t R,
                    int64_t Bt, int64_t N, int64_t nchunks, acc_t<T>* __restrict__ partials) {
   using A = acc_t<T>;
   __shared__ A sh[MSE_THREADS / 32 + 1];
@@ -200,7 +200,7 @@ pairs_kernel(const A* __restrict__ mse, int64_t T, int64_t B, int64_t offset, in
         double ss = 0.0;
         for (int64_t i = tid; i < B; i += NT) ss += Z[k * B + i] * Z[k * B + i];
         const double nrm = sqrt(block_sum<NT>(ss, sh));
-        if (tid == 0) norms[k] = nrm > NORM_EPS ? nrm : NORM_EPS;
+        if (tid == 0) norms[k] = nrm < NORM_EPS ? NORM_EPS : nrm;  // NaN stays NaN, like clamp_min
       }
       __syncthreads();
     }
@@ -214,7 +214,7 @@ pairs_kernel(const A* __restrict__ mse, int64_t T, int64_t B, int64_t offset, in
     }
     if (p.std_standardize) {
       const double dmean = block_sum<NT>(dl, sh) / (double)B;
-      for (int64_t i = tid; i < B; i += NT) m[i] = dmean == 0.0 ? 1.0 - sigmoid(p.rho * Z[i]) : m[i] / dmean;
+      for (int64_t i = tid; i < B; i += NT) m[i] = dmean == 0.0 ? sigmoid(-p.rho * Z[i]) : m[i] / dmean;
     }
     if (p.weight_normalize) {
       double ml = 0.0;
@@ -224,7 +224,7 @@ pairs_kernel(const A* __restrict__ mse, int64_t T, int64_t B, int64_t offset, in
         for (int64_t i = tid; i < B; i += NT) m[i] /= total;
     }
   } else {
-    for (int64_t i = tid; i < B; i += NT) m[i] = on ? 1.0 - sigmoid(p.rho * Z[i]) : 0.0;
+    for (int64_t i = tid; i < B; i += NT) m[i] = on ? sigmoid(-p.rho * Z[i]) : 0.0;  // 1 - sigmoid(rho z)
   }
   __syncthreads();
 
@@ -290,6 +290,9 @@ pairs_kernel(const A* __restrict__ mse, int64_t T, int64_t B, int64_t offset, in
 }
 
 // ---- backward ------------------------------------------------------------------------
+constexpr int BWD_BATCH = MSE_ITERS / 2;  // 16-byte vectors per input loaded before the first store
+static_assert(MSE_ITERS % BWD_BATCH == 0, "the backward's batches tile a chunk");
+
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(MSE_THREADS, 2)
 pairs_bwd_kernel(const acc_t<T>* __restrict__ grad_loss, const acc_t<T>* __restrict__ gcoef,
@@ -309,23 +312,28 @@ pairs_bwd_kernel(const acc_t<T>* __restrict__ grad_loss, const acc_t<T>* __restr
   if constexpr (VEC) {
     constexpr int V = 16 / sizeof(T);
     const int64_t nvec = len / V;
-    Pack<T> pv[MSE_ITERS], tv[MSE_ITERS];
+    // Two batches of BWD_BATCH vectors per input (64 bytes in flight per thread per input):
+    // all MSE_ITERS at once spilled the bf16 variant under the (256, 2) launch bounds.
 #pragma unroll
-    for (int u = 0; u < MSE_ITERS; ++u) {
-      const int64_t v = (int64_t)u * MSE_THREADS + threadIdx.x;
-      if (v < nvec) {
-        pv[u] = load16(p + v * V);
-        tv[u] = load16(q + v * V);
+    for (int u0 = 0; u0 < MSE_ITERS; u0 += BWD_BATCH) {
+      Pack<T> pv[BWD_BATCH], tv[BWD_BATCH];
+#pragma unroll
+      for (int u = 0; u < BWD_BATCH; ++u) {
+        const int64_t v = (int64_t)(u0 + u) * MSE_THREADS + threadIdx.x;
+        if (v < nvec) {
+          pv[u] = load16(p + v * V);
+          tv[u] = load16(q + v * V);
+        }
       }
-    }
 #pragma unroll
-    for (int u = 0; u < MSE_ITERS; ++u) {
-      const int64_t v = (int64_t)u * MSE_THREADS + threadIdx.x;
-      if (v < nvec) {
-        Pack<T> g;
+      for (int u = 0; u < BWD_BATCH; ++u) {
+        const int64_t v = (int64_t)(u0 + u) * MSE_THREADS + threadIdx.x;
+        if (v < nvec) {
+          Pack<T> g;
 #pragma unroll
-        for (int e = 0; e < V; ++e) g.x[e] = from_acc<T>(coef * (to_acc(pv[u].x[e]) - to_acc(tv[u].x[e])));
-        store16(o + v * V, g);
+          for (int e = 0; e < V; ++e) g.x[e] = from_acc<T>(coef * (to_acc(pv[u].x[e]) - to_acc(tv[u].x[e])));
+          store16(o + v * V, g);
+        }
       }
     }
   } else {
