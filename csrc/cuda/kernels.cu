@@ -50,10 +50,12 @@ template <typename T> __device__ __forceinline__ Pack<T> load16(const T* ptr) {
   return out;
 }
 
+// __stwb (st.global.wb.v4.u32, the default caching) rather than a plain uint4 store: NVVM
+// split one of the plain stores of pairs_bwd_kernel into four 4-byte stores.
 template <typename T> __device__ __forceinline__ void store16(T* ptr, const Pack<T>& v) {
   uint4 raw;
   memcpy(&raw, &v, 16);
-  *reinterpret_cast<uint4*>(ptr) = raw;
+  __stwb(reinterpret_cast<uint4*>(ptr), raw);
 }
 
 // The variants are template parameters; these switches pick them at run time.
@@ -169,8 +171,10 @@ mse_combine_kernel(const A* __restrict__ partials, int64_t rows, int64_t nchunks
 }
 
 // ---- the scalar stage ----------------------------------------------------------------
+// (PAIRS_THREADS, 1): without the explicit one block per SM ptxas capped the kernel at 64
+// registers and kept a double in local memory across the slow-path calls of double division.
 template <typename A>
-__global__ void __launch_bounds__(PAIRS_THREADS)
+__global__ void __launch_bounds__(PAIRS_THREADS, 1)
 pairs_kernel(const A* __restrict__ mse, int64_t T, int64_t B, int64_t offset, int64_t n, Params p,
              double* __restrict__ ws, PairsOut out) {
   constexpr int NT = PAIRS_THREADS;
