@@ -19,6 +19,7 @@ import torch
 import adpo_kernels
 from adpo_kernels import AdaptiveDPOConfig, adaptive_dpo_loss, config as cfgmod, dispatch
 from tests import utils
+from tests.gpu_cases import check_long_rows, run_misaligned
 from tests.nan_cases import CASES as NAN_CASES, check_metric_relative_precision, check_nan_case
 from tests.utils import FIELDS, assert_close, config_grid, make_inputs
 
@@ -274,6 +275,18 @@ def test_nan_rule_matches_reference(case):
 @pytest.mark.parametrize("K", [0, 2])
 def test_metric_relative_precision(K):
     check_metric_relative_precision("cpu", K)
+
+
+@pytest.mark.parametrize("N", [3 * ROW_CHUNK + 17, 3 * ROW_CHUNK + 32])
+def test_long_rows_check(N):
+    """The GPU suites' > 2^31-element check (tests/gpu_cases.py) at a CPU size."""
+    check_long_rows("cpu", N, "cpu", step=5000)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_misaligned_views(dtype):
+    """The GPU suites' misaligned-view case (tests/gpu_cases.py), run on the CPU kernels."""
+    run_misaligned("cpu", dtype, "cpu")
 
 
 # -- errors --------------------------------------------------------------------------------
