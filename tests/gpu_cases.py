@@ -122,7 +122,7 @@ def check_long_rows(backend, N, device, step):
     z = (out.ref_mse[0] - out.ref_mse[1]) - (out.model_mse[0] - out.model_mse[1])
     g0 = -100.0 * torch.sigmoid(-100.0 * z)  # d loss / d z for B = 1
     m = model.detach()
-    for row, sign in ((0, -1.0), (1, 1.0)):  # both rows: the last one starts past 2^31 elements
+    for row, sign in ((0, -1.0), (1, 1.0)):  # the last row starts past 2^31 bytes, ends past 2^31 elements
         for sl in (slice(0, 1000), slice(N - 1000, N)):
             exp_g = g0 * (sign * 2.0 / N) * (m[row, sl].double() - target[0, sl].double())
             assert_close(model.grad[row, sl], exp_g, 1e-30, 2 ** -7, f"{backend} N={N} grad[{row}, {sl}]")

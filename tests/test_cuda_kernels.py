@@ -141,10 +141,12 @@ def test_offset_slices_of_the_global_batch(dtype):
     assert abs(loss_sum / B - full[0].item()) <= 1e-5 * abs(full[0].item())
 
 
-def test_bf16_multi_chunk_rows_are_deterministic():
-    """Rows of 3 chunks and a ragged fourth (CUDA's bf16 chunk is 16384 elements): the
-    two-stage reduction must give the same bits on every run, and the right values."""
-    N = 3 * CHUNK_BF16 + 100
+@pytest.mark.parametrize("tail", [104, 101], ids=["vec", "scalar"])
+def test_bf16_multi_chunk_rows_are_deterministic(tail):
+    """Rows of 3 chunks and a ragged fourth (CUDA's bf16 chunk is 16384 elements; N % 8 == 0
+    takes the 16-byte path): the two-stage reduction must give the same bits on every run,
+    and the right values."""
+    N = 3 * CHUNK_BF16 + tail
     cfg = AdaptiveDPOConfig.paper(flip_ratio=0.25, flip_threshold=0.0)
     inputs = make_inputs(6, (N,), torch.bfloat16, K=2, seed=13)
     runs = []
