@@ -25,7 +25,7 @@ import adpo_kernels as ak
 from adpo_kernels import AdaptiveDPOConfig
 from adpo_kernels.dispatch import BACKENDS
 
-from .gpu_cases import check_64bit_offsets, run_misaligned, side_stream_waits
+from .gpu_cases import assert_grad_close, check_64bit_offsets, run_misaligned, side_stream_waits
 from .nan_cases import CASES as NAN_CASES, check_metric_relative_precision, check_nan_case
 from .utils import DTYPES, assert_close, config_grid, make_inputs
 
@@ -80,19 +80,6 @@ def compare(cfg, ready, B, S, dtype, K, shared, seed=0, device=None):
         atol = 2 * err_s + 8 * FP32_EPS * d.abs().max().item() + 1e-30
         assert_close(t, d, atol=atol, rtol=0.0, name=what)
     return out_t
-
-
-def assert_grad_close(t, s, d, dtype, what):
-    """Element by element, relative: every gradient element is g_r (+-2/N) (x - t) rounded
-    to ``dtype``, so its error is relative to itself; a tolerance on the largest element
-    would let the small ones be anything.  Allowed: twice torch's worst relative error in
-    the same dtype, one ulp of ``dtype`` (the fused value may round to the other neighbour),
-    and 8 fp32 ulps of the fp32 coefficient."""
-    t, s = t.double().cpu(), s.double().cpu()
-    nz = d != 0
-    rel_s = ((s - d).abs()[nz] / d.abs()[nz]).max().item() if nz.any() else 0.0
-    rtol = 2 * rel_s + torch.finfo(dtype).eps + 8 * FP32_EPS
-    assert_close(t, d, atol=1e-300, rtol=rtol, name=what)
 
 
 # -- every option combination -----------------------------------------------------------

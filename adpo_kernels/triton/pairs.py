@@ -6,7 +6,8 @@ when ``sync_stats`` gathered them), for the local pairs ``offset .. offset + num
 
     z^(k)_i = (mse(ref)_i - mse(ref)_{i+B}) - (mse(p_k)_i - mse(p_k)_{i+B})   k = 0 (policy) .. K
     m_i     = metric of spec section 4 (0 when adaptive=False or during warm-up)
-    w_i     = weight_type(m_i),   gamma_i = zbar - m_i^{1 or 2} / beta    (spec section 5)
+    w_i     = weight_type(m_i),   gamma_i = zbar - m_i^{1 or 2} / beta    (spec section 5,
+              zbar = mean_j s_j z_j over the flipped logits: section 7)
     flip_i  = m_i > max(h, m_sorted[min(floor(Bg (1 - r)), Bg - 1)])    (spec section 7)
     loss    = mean_i L(s_i z_i)  with s_i = -1 for flipped pairs, else 1  (spec section 6)
     g_i     = d loss / d z_i = s_i L'(s_i z_i) / num_pairs              (spec section 8)
