@@ -102,6 +102,8 @@ template <int NT, typename A> __device__ __forceinline__ A block_sum(A v, A* sh)
 }
 
 // ---- stage 1: per-chunk sums of squares ----------------------------------------------
+// Passed as a __grid_constant__ kernel parameter and indexed in place (constant bank): a
+// by-value struct indexed with a runtime t was copied to local memory by every thread.
 template <typename T> struct PredPtrs { const T* p[MAX_PREDS_PER_LAUNCH]; };
 
 template <typename T> constexpr int64_t kChunk = (int64_t)MSE_THREADS * MSE_ITERS * (16 / sizeof(T));
@@ -111,8 +113,9 @@ template <typename T> constexpr int64_t kChunk = (int64_t)MSE_THREADS * MSE_ITER
 // aligned (N % (16 / sizeof(T)) == 0 and aligned base pointers).
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(MSE_THREADS, 2)
-mse_partial_kernel(const __grid_constant__ PredPtrs<T> preds, int n_preds, int64_t first, const T* __restrict__ target, int64_t R,
-                   int64_t Bt, int64_t N, int64_t nchunks, acc_t<T>* __restrict__ partials) {
+mse_partial_kernel(const __grid_constant__ PredPtrs<T> preds, int n_preds, int64_t first,
+                   const T* __restrict__ target, int64_t R, int64_t Bt, int64_t N, int64_t nchunks,
+                   acc_t<T>* __restrict__ partials) {
   using A = acc_t<T>;
   __shared__ A sh[MSE_THREADS / 32 + 1];
   const int64_t blk = blockIdx.x;
