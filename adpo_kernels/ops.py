@@ -61,7 +61,8 @@ def _fake_pairs(mse, model_pred, target, offset, num_pairs, fparams, iparams):
 
 
 def _fake_pairs_bwd(grad_loss, grad_coef, model_pred, target):
-    return torch.empty_like(model_pred)
+    # contiguous like every kernel's output (empty_like would keep a transposed input's strides)
+    return model_pred.new_empty(model_pred.shape)
 
 
 def _make_autograd(backend: str):

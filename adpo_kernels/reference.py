@@ -17,6 +17,9 @@ Conventions that the spec leaves open, shared by every backend:
   (``F.normalize``'s guard); ``weight_normalize`` leaves ``m`` unchanged when
   ``sum_j m_j == 0`` (then every ``m_j`` is 0).
 * For IPO, ``mean_j(z_j / beta)`` of the margin is detached like every batch statistic.
+* With label flipping, ``zbar`` (and IPO's ``mean_j(z_j / beta)``) is the mean of the
+  flipped logits (``-z_j`` for flipped pairs), as the spec (section 7) and the authors'
+  script compute it; the returned ``logits`` and ``implicit_acc`` stay unflipped.
 """
 from __future__ import annotations
 
@@ -67,17 +70,17 @@ def minority_metric(Z: torch.Tensor, cfg: AdaptiveDPOConfig) -> torch.Tensor:
     """Spec section 4 on detached logits ``Z`` of shape ``(K+1, B)`` (row 0: the policy)."""
     z = Z[0]
     if Z.shape[0] == 1:
-        return 1.0 - torch.sigmoid(cfg.rho * z)
+        return torch.sigmoid(-cfg.rho * z)  # = 1 - sigmoid(rho z), without the cancellation
     Zn = Z
     if cfg.logits_normalize:
         Zn = Z / torch.linalg.vector_norm(Z, dim=1, keepdim=True).clamp_min(NORM_EPS)
     s = cfg.rho * Zn
-    c = 1.0 - torch.sigmoid(s).mean(0)
+    c = torch.sigmoid(-s).mean(0)  # = 1 - mean_k sigmoid(s_k)
     d = torch.clamp(s.std(0, unbiased=True), max=1.0)
     m = c * d
     if cfg.std_standardize:
         d_mean = d.mean()
-        m = torch.where(d_mean == 0, 1.0 - torch.sigmoid(cfg.rho * z), m / d_mean)
+        m = torch.where(d_mean == 0, torch.sigmoid(-cfg.rho * z), m / d_mean)
     if cfg.weight_normalize:
         total = m.sum()
         m = torch.where(total == 0, m, m / total)
@@ -135,18 +138,20 @@ def forward(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tens
     with torch.no_grad():
         Z_local = torch.stack([z.detach()] + [ref_diff - pair_diff(a) for a in annot_mse])
         Z, off = distributed.gather_pairs(Z_local, cfg.sync_stats)
-        zbar = Z[0].mean()
         if not cfg.adaptive or not annotators_ready:
             m = torch.zeros_like(Z[0])
         else:
             m = minority_metric(Z, cfg)
+        if cfg.adaptive and cfg.flip_ratio > 0:
+            flipped = flip_mask(m, cfg)
+        else:
+            flipped = torch.zeros_like(m, dtype=torch.bool)
+        zbar = torch.where(flipped, -Z[0], Z[0]).mean()  # spec section 7: over the flipped logits
         if cfg.adaptive:
             w = weight_fn(m, cfg)
             gamma = margin_fn(m, zbar, cfg)
-            flipped = flip_mask(m, cfg) if cfg.flip_ratio > 0 else torch.zeros_like(m, dtype=torch.bool)
         else:
             w, gamma = torch.ones_like(m), torch.zeros_like(m)
-            flipped = torch.zeros_like(m, dtype=torch.bool)
         sl = slice(off, off + B)
         m, w, gamma, flipped = m[sl], w[sl], gamma[sl], flipped[sl]
 

@@ -71,10 +71,10 @@ ADPO_HD double margin_fn(double m, double zbar, const Params& p) {
 // logits Z (row-major, row stride B), each row divided by norms[k] when norms != nullptr.
 ADPO_HD void confidence_stability(const double* Z, int64_t B, int64_t i, int64_t kp1,
                                   const double* norms, double rho, double* c, double* d) {
-  double sum_sig = 0.0, sum_s = 0.0;
+  double sum_sig = 0.0, sum_s = 0.0;  // sum_sig: of sigmoid(-s) = 1 - sigmoid(s), without cancellation
   for (int64_t k = 0; k < kp1; ++k) {
     const double s = rho * (norms ? Z[k * B + i] / norms[k] : Z[k * B + i]);
-    sum_sig += sigmoid(s);
+    sum_sig += sigmoid(-s);
     sum_s += s;
   }
   const double mean = sum_s / (double)kp1;
@@ -85,7 +85,7 @@ ADPO_HD void confidence_stability(const double* Z, int64_t B, int64_t i, int64_t
   }
   const double sd = sqrt(ss / (double)(kp1 - 1));  // unbiased std over the K+1 annotators
   *d = sd > 1.0 ? 1.0 : sd;                        // min(std, 1); NaN stays NaN like torch.clamp
-  *c = 1.0 - sum_sig / (double)kp1;
+  *c = sum_sig / (double)kp1;  // 1 - mean_k sigmoid(s_k)
 }
 
 // Spec section 6 (+ the flip of section 7): the loss of one pair and its derivative
@@ -117,7 +117,7 @@ ADPO_HD void pair_loss(double z, double m, double w, double gamma, double zbar, 
     case LOSS_HINGE: {
       const double h = 1.0 - beta * x;
       l = h > 0 ? h : 0.0;
-      dx = h > 0 ? -beta : 0.0;  // relu'(0) = 0, as torch
+      dx = h <= 0 ? 0.0 : -beta;  // relu'(0) = 0 and relu'(NaN) = 1, as torch
       if (is_nan(h)) l = h;
       break;
     }

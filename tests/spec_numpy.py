@@ -39,7 +39,6 @@ def spec_loss(model, ref, target, annots, cfg, ready=True):
         am = mse(np.asarray(a, np.float64))
         Zs.append([ref_diff[i] - (am[i] - am[i + B]) for i in range(B)])
     K = len(annots)
-    zbar = sum(z) / B
 
     if not cfg.adaptive:
         m = [0.0] * B
@@ -79,20 +78,23 @@ def spec_loss(model, ref, target, annots, cfg, ready=True):
               "sqrt": lambda v: 1 / (math.exp(tau * math.sqrt(v)) + c0),
               "exp": lambda v: 1 / (math.exp(tau * v) + c0)}[cfg.weight_type]
         w = [wf(v) for v in m]
-        if cfg.margin_type is None:
-            gamma = [0.0] * B
-        elif cfg.margin_type == "linear":
-            gamma = [zbar - v / cfg.beta for v in m]
-        else:
-            gamma = [zbar - v * v / cfg.beta for v in m]
         flipped = [False] * B
         if cfg.flip_ratio > 0:
             srt = sorted(m)
             q = srt[min(int(math.floor(B * (1 - cfg.flip_ratio))), B - 1)]
             T = max(cfg.flip_threshold, q)
             flipped = [v > T for v in m]
+        # section 7: the margin's batch mean is over the flipped logits
+        zbar = sum(-z[i] if flipped[i] else z[i] for i in range(B)) / B
+        if cfg.margin_type is None:
+            gamma = [0.0] * B
+        elif cfg.margin_type == "linear":
+            gamma = [zbar - v / cfg.beta for v in m]
+        else:
+            gamma = [zbar - v * v / cfg.beta for v in m]
     else:
         w, gamma, flipped = [1.0] * B, [0.0] * B, [False] * B
+        zbar = sum(z) / B
 
     beta, eps = cfg.beta, cfg.label_smoothing
     losses, g = [], []

@@ -19,6 +19,8 @@ import torch
 import adpo_kernels
 from adpo_kernels import AdaptiveDPOConfig, adaptive_dpo_loss, config as cfgmod, dispatch
 from tests import utils
+from tests.gpu_cases import check_long_rows, run_misaligned
+from tests.nan_cases import CASES as NAN_CASES, check_metric_relative_precision, check_nan_case
 from tests.utils import FIELDS, assert_close, config_grid, make_inputs
 
 REASONS = dispatch.BACKENDS["cpu"].unavailable()
@@ -211,8 +213,9 @@ def test_opcheck_pairs_and_bwd(name):
     local = mp[2:].clone().requires_grad_(True)  # this process's pairs 1..B-1 of the global batch
     torch.library.opcheck(torch.ops.adpo.cpu_pairs.default, (mse3, local, t[2:], 1, B - 1, fp, ip))
     gc = torch.randn(B)
-    for target in (t, t[:B].contiguous()):
-        torch.library.opcheck(torch.ops.adpo.cpu_pairs_bwd.default, (torch.tensor(0.7), gc, mp, target))
+    mp_t = mp.t().contiguous().t()  # same values, column-major: the gradient is still contiguous
+    for m, target in ((mp, t), (mp, t[:B].contiguous()), (mp_t, t)):
+        torch.library.opcheck(torch.ops.adpo.cpu_pairs_bwd.default, (torch.tensor(0.7), gc, m, target))
 
 
 def test_local_pairs_slice_of_global_batch():
@@ -263,6 +266,28 @@ def test_nonfinite_inputs_propagate_like_torch():
     peer, _ = run("torch", model, ref, target, annots, AdaptiveDPOConfig.paper())
     assert bool(out.nonfinite) and bool(peer.nonfinite)
     assert torch.isnan(out.loss) == torch.isnan(peer.loss)
+
+
+@pytest.mark.parametrize("case", list(NAN_CASES))
+def test_nan_rule_matches_reference(case):
+    check_nan_case("cpu", case)
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_metric_relative_precision(K):
+    check_metric_relative_precision("cpu", K)
+
+
+@pytest.mark.parametrize("N", [3 * ROW_CHUNK + 17, 3 * ROW_CHUNK + 32])
+def test_long_rows_check(N):
+    """The GPU suites' > 2^31-element check (tests/gpu_cases.py) at a CPU size."""
+    check_long_rows("cpu", N, "cpu", step=5000)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_misaligned_views(dtype):
+    """The GPU suites' misaligned-view case (tests/gpu_cases.py), run on the CPU kernels."""
+    run_misaligned("cpu", dtype, "cpu")
 
 
 # -- errors --------------------------------------------------------------------------------

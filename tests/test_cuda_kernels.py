@@ -1,15 +1,21 @@
 """The CUDA kernels (csrc/cuda, backend "cuda") against the float64 torch reference.
 
 They run only on a GPU machine; elsewhere every test here skips with the reason (the
-CUDA sources are still compiled and linked by CI: see tests/test_build.py).
+CUDA sources are still compiled and linked by CI: see tests/test_build.py, and their
+generated code is checked by tests/test_static_proofs.py).  Besides the option grid and
+awkward shapes: a side stream that really delays its input, misaligned views (the scalar
+path), up to 31 annotators (several reduction launches), the offset (sync_stats) path,
+multi-chunk bf16 determinism, the NaN rule and tensors of more than 2^31 elements.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from adpo_kernels import AdaptiveDPOConfig, adaptive_dpo_loss, dispatch
+from adpo_kernels import AdaptiveDPOConfig, dispatch
 from tests import utils
+from tests.gpu_cases import check_64bit_offsets, run_misaligned, side_stream_waits
+from tests.nan_cases import CASES as NAN_CASES, check_nan_case
 from tests.utils import FIELDS, config_grid, make_inputs
 
 REASONS = dispatch.BACKENDS["cuda"].unavailable()
@@ -18,6 +24,8 @@ pytestmark = pytest.mark.skipif(bool(REASONS), reason=f"CUDA backend not usable 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GRID = config_grid()
 CHUNK_FP32 = 256 * 8 * 4  # csrc/cuda/kernels.h: MSE_THREADS * MSE_ITERS * 16 bytes / 4 bytes
+CHUNK_BF16 = 256 * 8 * 8
+MAX_PREDS_PER_LAUNCH = 16  # csrc/cuda/kernels.h
 
 
 def run(backend, model, ref, target, annots, cfg, ready=True, device="cuda"):
@@ -83,17 +91,82 @@ def test_matches_cpu_kernel():
     torch.testing.assert_close(grad_g.cpu(), grad_c, rtol=1e-5, atol=1e-9)
 
 
-def test_side_stream_and_non_contiguous():
-    cfg = AdaptiveDPOConfig.paper()
-    model, ref, target, annots = make_inputs(4, (8, 12), torch.bfloat16, K=1, shared_target=False, seed=6)
-    base, base_grad = run("cuda", model, ref, target, annots, cfg)
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        m = model.detach().cuda().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
-        out = adaptive_dpo_loss(m, ref.cuda(), target.cuda(), [a.cuda() for a in annots], cfg, backend="cuda")
-        out.loss.backward()
-    s.synchronize()
-    assert torch.equal(out.loss, base.loss) and torch.equal(m.grad, base_grad)
+def test_side_stream():
+    side_stream_waits("cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_views_take_the_scalar_path(dtype):
+    run_misaligned("cuda", dtype, "cuda")
+
+
+@pytest.mark.parametrize("K", [14, 15, 31])
+def test_many_annotators_up_to_and_past_one_launch(K):
+    """MAX_PREDS_PER_LAUNCH = 16 predictions per reduction launch: K = 14 fills one launch
+    exactly, 15 needs a second with one prediction, 31 two full and a third."""
+    assert MAX_PREDS_PER_LAUNCH == 16
+    cfg = AdaptiveDPOConfig(beta=500.0, rho=50.0, logits_normalize=True, std_standardize=True,
+                            margin_type="linear", flip_ratio=0.3, flip_threshold=0.0)
+    model, ref, target, annots = make_inputs(5, (3, 7), torch.bfloat16, K=K, shared_target=False, seed=K)
+    check_vs_reference(model, ref, target, annots, cfg, what=f"K={K}: ")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_offset_slices_of_the_global_batch(dtype):
+    """The sync_stats path of the op: pairs offset .. offset + n of a global batch, batch
+    statistics over all of it; each slice equals the CPU op's and the full run's slice."""
+    if dispatch.BACKENDS["cpu"].unavailable():
+        pytest.skip("CPU extension not built")
+    cfg = AdaptiveDPOConfig.paper(flip_ratio=0.3, flip_threshold=0.0, std_standardize=True, margin_type="linear")
+    B = 700  # more pairs than the scalar stage's threads
+    model, ref, target, annots = make_inputs(B, (6,), dtype, K=2, shared_target=False, seed=5, requires_grad=False)
+    flat = lambda x: x.reshape(x.shape[0], -1).cuda()  # noqa: E731
+    mp, t = flat(model), flat(target)
+    mse3 = torch.ops.adpo.cuda_mse(mp, flat(ref), t, [flat(a) for a in annots]).view(4, 2, B).contiguous()
+    fp, ip = cfg.op_params(True)
+    full = torch.ops.adpo.cuda_pairs(mse3, mp, t, 0, B, fp, ip)
+    loss_sum = 0.0
+    for off, n in ((0, 1), (1, 300), (301, 399)):
+        rows = torch.cat([mp[off:off + n], mp[B + off:B + off + n]])
+        trow = torch.cat([t[off:off + n], t[B + off:B + off + n]])
+        part = torch.ops.adpo.cuda_pairs(mse3, rows, trow, off, n, fp, ip)
+        cpu = torch.ops.adpo.cpu_pairs(mse3.cpu(), rows.cpu(), trow.cpu(), off, n, fp, ip)
+        tol = dict(rtol=1e-12, atol=1e-15) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-7)
+        for i in (1, 2, 3, 4):  # logits, metric, weights, margin
+            assert torch.equal(part[i], full[i][off:off + n]), f"offset {off}: output {i} is not the slice"
+            torch.testing.assert_close(part[i].cpu(), cpu[i], **tol)
+        torch.testing.assert_close(part[6], full[6][off:off + n] * B / n, rtol=1e-6, atol=0)
+        torch.testing.assert_close(part[0].cpu(), cpu[0], **tol)
+        loss_sum += part[0].item() * n
+    assert abs(loss_sum / B - full[0].item()) <= 1e-5 * abs(full[0].item())
+
+
+@pytest.mark.parametrize("tail", [104, 101], ids=["vec", "scalar"])
+def test_bf16_multi_chunk_rows_are_deterministic(tail):
+    """Rows of 3 chunks and a ragged fourth (CUDA's bf16 chunk is 16384 elements; N % 8 == 0
+    takes the 16-byte path): the two-stage reduction must give the same bits on every run,
+    and the right values."""
+    N = 3 * CHUNK_BF16 + tail
+    cfg = AdaptiveDPOConfig.paper(flip_ratio=0.25, flip_threshold=0.0)
+    inputs = make_inputs(6, (N,), torch.bfloat16, K=2, seed=13)
+    runs = []
+    for _ in range(3):
+        out, grad = run("cuda", *inputs, cfg)
+        runs.append([getattr(out, f) for f in FIELDS] + [grad])
+    for res in runs[1:]:
+        for name, a, b in zip(FIELDS + ("grad",), runs[0], res):
+            assert torch.equal(a, b), f"{name} differs between identical runs"
+    check_vs_reference(*inputs, cfg, what="bf16 multi-chunk: ")
+
+
+@pytest.mark.parametrize("case", list(NAN_CASES))
+def test_nan_rule_matches_reference(case):
+    check_nan_case("cuda", case, device="cuda")
+
+
+@pytest.mark.parametrize("N", [2 ** 30 + 17, 2 ** 30 + 32], ids=["odd-N", "N%16"])
+def test_more_than_2_31_elements(N):
+    check_64bit_offsets("cuda", N)
 
 
 def test_opcheck_cuda_ops():

@@ -55,6 +55,32 @@ def test_metric_is_nontrivial_in_grid():
     assert any(exp["flipped"]) and not all(exp["flipped"])
 
 
+@pytest.mark.parametrize("loss_type,margin", [("sigmoid", "linear"), ("ipo", "quadratic")])
+def test_flip_margin_uses_flipped_mean(loss_type, margin):
+    """Spec section 7: with flips, the margin's zbar is the mean of the flipped logits.
+
+    Written from the spec's words (flip in place, then take the mean), and checked to be a
+    different number from the unflipped mean, so the test tells the two apart."""
+    cfg = AdaptiveDPOConfig(beta=500.0, rho=50.0, loss_type=loss_type, margin_type=margin, flip_ratio=0.3,
+                            flip_threshold=0.0)
+    _, _, out, exp = _run(cfg, True, B=10, K=2, seed=21)
+    z, m = out.logits, out.metric
+    flipped = torch.tensor(exp["flipped"])
+    assert flipped.any() and not flipped.all()
+    zbar = torch.where(flipped, -z, z).mean()
+    assert (zbar - z.mean()).abs() > 1e-3 * z.abs().max()
+    mm = m if margin == "linear" else m * m
+    if loss_type == "sigmoid":
+        assert_close(out.margin, zbar - mm / cfg.beta, 1e-12, 1e-9, "margin")
+    x = torch.where(flipped, -z, z)
+    if loss_type == "ipo":
+        u = x - 1 / (2 * cfg.beta_ipo) - mm / cfg.beta ** 2 + zbar / cfg.beta
+        assert_close(out.loss, (out.weights * u * u).mean(), 1e-15, 1e-9, "ipo loss")
+    else:
+        assert_close(out.loss, (-out.weights * torch.nn.functional.logsigmoid(cfg.beta * x - out.margin)).mean(),
+                     1e-15, 1e-9, "loss")
+
+
 def test_std_standardize_fallback():
     """mean_j d_j == 0 (all annotators identical to the policy) falls back to 1 - sigmoid(rho z)."""
     cfg = AdaptiveDPOConfig(beta=100.0, rho=30.0, std_standardize=True)

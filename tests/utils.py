@@ -74,6 +74,8 @@ def config_grid():
         ("all-opts", AdaptiveDPOConfig(logits_normalize=True, std_standardize=True, weight_normalize=True,
                                        margin_type="linear", **base), True),
         ("flip", AdaptiveDPOConfig(flip_ratio=0.3, flip_threshold=0.0, margin_type="linear", **base), True),
+        ("flip-ipo", AdaptiveDPOConfig(loss_type="ipo", flip_ratio=0.3, flip_threshold=0.0, margin_type="quadratic",
+                                       **base), True),
     ]
     return out
 

@@ -1,13 +1,24 @@
 """Compile every kernel for a CUDA architecture without a GPU.
 
     TRITON_INTERPRET=0 python -m adpo_kernels.triton._aot [--arch 90] [--quick]
+    TRITON_INTERPRET=0 python -m adpo_kernels.triton._aot --proofs      # JSON lines, see below
 
 The interpreter runs the kernels as numpy code and cannot see errors of the native code
 generation (a non-constexpr global, a type error in a branch that only compiles on the
-GPU, register spills).  This lowers each kernel, for the signatures and constexpr
-switches its launcher uses, through Triton's CUDA backend (ptxas ships with Triton) and
-prints the registers and local memory (spills) of each variant.  Exit status 1 on any
-failure or spill.
+GPU, register spills).  This lowers each kernel, for the signatures, constexpr switches
+and specialisations its launcher produces, through Triton's CUDA backend (ptxas ships
+with Triton) and prints the registers and local memory (spills) of each variant.  Exit
+status 1 on any failure or spill.
+
+Specialisation: a real launch marks every pointer argument whose address is a multiple of
+16 bytes, and every integer argument that is a multiple of 16, as ``tt.divisibility = 16``
+(torch's allocations are aligned; ``chunk`` is a multiple of the block).  Whether ``N`` is
+a multiple of 16 decides whether rows start 16-byte aligned, hence whether the loads can
+be 128-bit: both cases are compiled.
+
+``--proofs`` compiles the variants of :func:`proof_variants` in parallel and prints, per
+variant, the global load and store instructions of its PTX and the resources of its
+cubin; ``tests/test_static_proofs.py`` asserts on them.
 """
 from __future__ import annotations
 
@@ -39,31 +50,60 @@ def _resources(cubin: bytes) -> str:
     return lines[0] if lines else "(no resource line)"
 
 
-def _compile(fn, types: dict, consts: dict, num_warps: int, arch: int) -> str:
+def _build(fn, types: dict, consts: dict, num_warps: int, arch: int, divisible=None):
+    """``divisible``: the arguments whose values a real launch finds 16-divisible (default:
+    every pointer, the 16-byte-aligned allocations of the launchers); those the kernel's
+    ``do_not_specialize`` names get no hint, as at a real launch."""
     sig = {name: ("constexpr" if name in consts else types[name]) for name in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": num_warps})
-    return _resources(kernel.asm["cubin"])
+    if divisible is None:
+        divisible = [n for n, t in types.items() if t.startswith("*")]
+    unspecialised = {p.name for p in fn.params if p.do_not_specialize}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible if n not in unspecialised}
+    return triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps})
+
+
+def _compile(fn, types: dict, consts: dict, num_warps: int, arch: int, divisible=None) -> str:
+    return _resources(_build(fn, types, consts, num_warps, arch, divisible).asm["cubin"])
+
+
+def _row_kernel(kind: str, dt: str, n_type: str, NP: int = 1, final: bool = False):
+    """Types of the row kernels (``kind`` = "mse" or "bwd") for dtype ``dt``."""
+    P, t = "*fp32", DTYPES[dt]
+    if kind == "mse":
+        return mse._mse_partial_kernel, dict(out_ptr=P, t_ptr=t, **{f"p{i}": t for i in range(6)}, N=n_type,
+                                             rows="i32", t_rows="i32", chunk="i32", num_chunks="i32",
+                                             out_pred0="i32"), dict(NP=NP, FINAL=final, BLOCK=2048)
+    return backward._pairs_bwd_kernel, dict(grad_ptr=t, grad_loss_ptr=P, g_ptr=P, mp_ptr=t, t_ptr=t, N=n_type,
+                                            B="i32", t_rows="i32", chunk="i32"), dict(BLOCK=2048)
+
+
+def _divisible(types: dict, n_div16: bool) -> list:
+    """What a launch with aligned tensors specialises: pointers, chunk (a multiple of the
+    block) and N when it is a multiple of 16."""
+    return [n for n, t in types.items() if t.startswith("*")] + ["chunk"] + (["N"] if n_div16 else [])
+
+
+# N specialisations of the row kernels: (type, N % 16 == 0); N >= 2^31 arrives as int64
+N_SPECS = (("i32", True), ("i32", False), ("i64", True))
 
 
 def variants(quick: bool):
-    """(label, kernel, arg types, constexprs, num_warps) for every launch the launchers make."""
+    """(label, kernel, arg types, constexprs, num_warps, divisible) for the launches the launchers make."""
     P = "*fp32"
     dts = ["bf16"] if quick else list(DTYPES)
     for dt in dts:
-        t = DTYPES[dt]
-        for n_type in ("i32", "i64"):  # N >= 2^31 arrives as int64
-            for NP in ((6,) if quick else (1, 2, 3, 4, 5, 6)):
+        for n_type, div in N_SPECS:
+            spec = f"N:{n_type}{'%16' if div else ''}"
+            for NP in ((6,) if quick else (1, 2, 6)):
                 for final in (False, True):
-                    types = dict(out_ptr=P, t_ptr=t, **{f"p{i}": t for i in range(6)}, N=n_type, rows="i32",
-                                 t_rows="i32", chunk="i32", num_chunks="i32", out_pred0="i32")
-                    yield (f"mse {dt} N:{n_type} NP={NP} final={final}", mse._mse_partial_kernel, types,
-                           dict(NP=NP, FINAL=final, BLOCK=2048), 8)
-            types = dict(grad_ptr=t, grad_loss_ptr=P, g_ptr=P, mp_ptr=t, t_ptr=t, N=n_type, B="i32",
-                         t_rows="i32", chunk="i32")
-            yield f"bwd {dt} N:{n_type}", backward._pairs_bwd_kernel, types, dict(BLOCK=2048), 8
+                    fn, types, consts = _row_kernel("mse", dt, n_type, NP, final)
+                    yield (f"mse {dt} {spec} NP={NP} final={final}", fn, types, consts, 8,
+                           _divisible(types, div))
+            fn, types, consts = _row_kernel("bwd", dt, n_type)
+            yield f"bwd {dt} {spec}", fn, types, consts, 8, _divisible(types, div)
     yield ("mse finish", mse._mse_finish_kernel,
-           dict(part_ptr=P, out_ptr=P, total_rows="i32", num_chunks="i32", N="i32"), dict(RB=64, CB=64), 4)
+           dict(part_ptr=P, out_ptr=P, total_rows="i32", num_chunks="i32", N="i32"), dict(RB=64, CB=64), 4, None)
     ptypes = dict(mse_ptr=P, loss_ptr=P, logits_ptr=P, metric_ptr=P, weights_ptr=P, margin_ptr=P, acc_ptr=P,
                   g_ptr=P, Bg="i32", offset="i32", num_pairs="i32", q_idx="i32", beta="fp32", rho="fp32",
                   tau="fp32", intercept="fp32", beta_ipo="fp32", eps="fp32", flip_threshold="fp32")
@@ -85,21 +125,90 @@ def variants(quick: bool):
         for K in ks:
             for Bg in (10, 4000):
                 consts, warps = pairs.kernel_meta(K + 1, Bg, c.op_params(ready)[1], interpret=False)
-                yield f"pairs {name} K={K} B={Bg}", pairs._pairs_kernel, ptypes, consts, warps
+                yield f"pairs {name} K={K} B={Bg}", pairs._pairs_kernel, ptypes, consts, warps, None
+
+
+# ---- the PTX facts of tests/test_static_proofs.py --------------------------------------
+
+def proof_variants():
+    """(label, kind, dtype, n_type, N % 16 == 0, NP, final): the row kernels at the
+    specialisations real launches produce, the fewest that cover every dtype and both N cases."""
+    for dt in DTYPES:
+        for n_type, div in N_SPECS[:2]:
+            yield (f"mse {dt} N:{n_type}{'%16' if div else ''} NP=6", "mse", dt, n_type, div, 6, False)
+            yield (f"bwd {dt} N:{n_type}{'%16' if div else ''}", "bwd", dt, n_type, div, 1, False)
+    yield "mse bf16 N:i64%16 NP=2 final", "mse", "bf16", "i64", True, 2, True
+    yield "bwd bf16 N:i64%16", "bwd", "bf16", "i64", True, 1, False
+    # the scalar stage with every min / max of the NaN rule: relu (hinge), log-sigmoid
+    # (robust), the norm guard and min(std, 1) (logits_normalize, K >= 1)
+    for loss in ("hinge", "robust"):
+        yield f"pairs {loss} lognorm flip K=2", "pairs", loss, "i32", False, 3, False
+
+
+def _pairs_nan_variant(loss: str):
+    cfg = C.AdaptiveDPOConfig(loss_type=loss, logits_normalize=True, flip_ratio=0.3, beta=500.0, rho=50.0)
+    consts, warps = pairs.kernel_meta(3, 10, cfg.op_params(True)[1], interpret=False)
+    P = "*fp32"
+    types = dict(mse_ptr=P, loss_ptr=P, logits_ptr=P, metric_ptr=P, weights_ptr=P, margin_ptr=P, acc_ptr=P,
+                 g_ptr=P, Bg="i32", offset="i32", num_pairs="i32", q_idx="i32", beta="fp32", rho="fp32",
+                 tau="fp32", intercept="fp32", beta_ipo="fp32", eps="fp32", flip_threshold="fp32")
+    return pairs._pairs_kernel, types, consts, warps
+
+
+def _ptx_facts(v) -> dict:
+    """Counts of the global load / store and float min / max instructions of one variant's
+    PTX, and its cubin's resources (stack, local memory)."""
+    import collections
+    import re
+    label, kind, dt, n_type, div, NP, final = v
+    try:
+        if kind == "pairs":
+            fn, types, consts, warps = _pairs_nan_variant(dt)
+            k = _build(fn, types, consts, warps, _ARCH)
+        else:
+            fn, types, consts = _row_kernel(kind, dt, n_type, NP, final)
+            k = _build(fn, types, consts, 8, _ARCH, _divisible(types, div))
+    except Exception as exc:  # reported, the test fails on it
+        return dict(label=label, error=f"{type(exc).__name__}: {exc}")
+    ptx = k.asm["ptx"]
+    insns = collections.Counter(re.findall(r"\b(?:ld\.global|st\.global|min|max)(?:\.[A-Za-z0-9]+)+", ptx))
+    return dict(label=label, kind=kind, dtype=dt, n_type=n_type, n_div16=div, np=NP, insns=dict(insns),
+                resources=_resources(k.asm["cubin"]))
+
+
+_ARCH = 90
+
+
+def _print_proofs(arch: int) -> int:
+    import concurrent.futures
+    import json
+    import multiprocessing
+    global _ARCH
+    _ARCH = arch
+    todo = list(proof_variants())
+    # fork: the workers inherit the imported kernels; Triton holds no GPU context here
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1)),
+                                                mp_context=multiprocessing.get_context("fork")) as ex:
+        for facts in ex.map(_ptx_facts, todo):
+            print(json.dumps(facts), flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
     ap.add_argument("--quick", action="store_true", help="a representative subset")
+    ap.add_argument("--proofs", action="store_true", help="JSON lines of the PTX facts tests/test_static_proofs.py checks")
     args = ap.parse_args(argv)
     if _common.is_interpreted(mse._mse_partial_kernel):
         print("TRITON_INTERPRET=1: run with TRITON_INTERPRET=0 to compile natively", file=sys.stderr)
         return 2
+    if args.proofs:
+        return _print_proofs(args.arch)
     failed = 0
-    for label, fn, types, consts, warps in variants(args.quick):
+    for label, fn, types, consts, warps, divisible in variants(args.quick):
         try:
-            res = _compile(fn, types, consts, warps, args.arch)
+            res = _compile(fn, types, consts, warps, args.arch, divisible)
         except Exception as exc:  # report every failing variant, not just the first
             failed += 1
             print(f"FAIL {label}: {type(exc).__name__}: {exc}")

@@ -17,7 +17,7 @@ import triton.language as tl
 from . import _common
 
 
-@triton.jit(do_not_specialize=["N", "B", "t_rows", "chunk"])
+@triton.jit(do_not_specialize=["B", "t_rows"])
 def _pairs_bwd_kernel(grad_ptr, grad_loss_ptr, g_ptr, mp_ptr, t_ptr, N, B, t_rows, chunk,
                       BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -29,7 +29,7 @@ def _pairs_bwd_kernel(grad_ptr, grad_loss_ptr, g_ptr, mp_ptr, t_ptr, N, B, t_row
     t_base = (row % t_rows).to(tl.int64) * N + start
     rem = tl.minimum(N - start, chunk).to(tl.int32)
     lanes = tl.arange(0, BLOCK)
-    for k in range(0, rem, BLOCK):
+    for k in range(0, chunk, BLOCK):  # a plain argument: triton 3.6's interpreter rejects tensor bounds
         offs = k + lanes
         mask = offs < rem
         x = tl.load(mp_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)

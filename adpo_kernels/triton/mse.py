@@ -39,7 +39,7 @@ def _sq_err(acc, row_ptr, offs, mask, t):
     return acc + d * d
 
 
-@triton.jit(do_not_specialize=["N", "rows", "t_rows", "chunk", "num_chunks", "out_pred0"])
+@triton.jit(do_not_specialize=["rows", "t_rows", "num_chunks", "out_pred0"])
 def _mse_partial_kernel(
     out_ptr, t_ptr, p0, p1, p2, p3, p4, p5,
     N, rows, t_rows, chunk, num_chunks, out_pred0,
@@ -63,7 +63,7 @@ def _mse_partial_kernel(
     a3 = tl.zeros((BLOCK,), tl.float32)
     a4 = tl.zeros((BLOCK,), tl.float32)
     a5 = tl.zeros((BLOCK,), tl.float32)
-    for k in range(0, rem, BLOCK):
+    for k in range(0, chunk, BLOCK):  # a plain argument: triton 3.6's interpreter rejects tensor bounds
         offs = k + lanes
         mask = offs < rem
         # fp32 right after the load: the interpreter's bf16 arithmetic is wrong

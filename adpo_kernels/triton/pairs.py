@@ -6,7 +6,8 @@ when ``sync_stats`` gathered them), for the local pairs ``offset .. offset + num
 
     z^(k)_i = (mse(ref)_i - mse(ref)_{i+B}) - (mse(p_k)_i - mse(p_k)_{i+B})   k = 0 (policy) .. K
     m_i     = metric of spec section 4 (0 when adaptive=False or during warm-up)
-    w_i     = weight_type(m_i),   gamma_i = zbar - m_i^{1 or 2} / beta    (spec section 5)
+    w_i     = weight_type(m_i),   gamma_i = zbar - m_i^{1 or 2} / beta    (spec section 5,
+              zbar = mean_j s_j z_j over the flipped logits: section 7)
     flip_i  = m_i > max(h, m_sorted[min(floor(Bg (1 - r)), Bg - 1)])    (spec section 7)
     loss    = mean_i L(s_i z_i)  with s_i = -1 for flipped pairs, else 1  (spec section 6)
     g_i     = d loss / d z_i = s_i L'(s_i z_i) / num_pairs              (spec section 8)
@@ -23,7 +24,8 @@ One program does everything, looping over the pairs in blocks of ``BB`` (any ``B
 pass 1 the batch L2 norms and the mean logit, pass 2 (``std_standardize`` /
 ``weight_normalize``) the sums of ``d`` and ``m``, pass 3 (flipping) the quantile by
 counting ranks (``O(Bg^2)`` comparisons in ``BQ x BC`` tiles, the metric recomputed per
-tile rather than staged through memory), pass 4 the local outputs.  Every variant is a
+tile rather than staged through memory) and then the mean of the flipped logits (the
+margin's ``zbar``, spec section 7), pass 4 the local outputs.  Every variant is a
 ``tl.constexpr`` switch of this one kernel.  The conventions the spec leaves open are
 those of ``adpo_kernels/reference.py`` (its module docstring).
 """
@@ -39,6 +41,9 @@ from .. import config as C
 from . import _common
 
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's guard, as in reference.py
+# NaN rule of every backend (docs/math.md): min / max / clamp propagate NaN as torch does.
+# Native tl.minimum / tl.maximum drop it by default (PTX min/max), the interpreter keeps it.
+NAN = tl.constexpr(tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -46,12 +51,14 @@ def _logsig(x):
     """log sigmoid(x) = min(x, 0) - log1p(exp(-|x|)), log1p by its series for tiny arguments."""
     e = tl.exp(-tl.abs(x))
     log1p = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
-    return tl.minimum(x, 0.0) - log1p
+    return tl.minimum(x, 0.0, propagate_nan=NAN) - log1p
 
 
 @triton.jit
 def _sig(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    """sigmoid(x) from exp(-|x|) (no overflow; as adpo_common.h); NaN stays NaN."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit
@@ -79,12 +86,12 @@ def _conf_stab(Z, norms, rho, K1: tl.constexpr, KP: tl.constexpr, LN: tl.constex
     k = tl.arange(0, KP)
     kmask = (k < K1)[:, None]
     if LN:
-        Z = Z / tl.maximum(norms, NORM_EPS)[:, None]
+        Z = Z / tl.maximum(norms, NORM_EPS, propagate_nan=NAN)[:, None]
     s = rho * Z
-    c = 1.0 - tl.sum(tl.where(kmask, _sig(s), 0.0), axis=0) / K1
+    c = tl.sum(tl.where(kmask, _sig(-s), 0.0), axis=0) / K1  # 1 - mean_k sigmoid(s_k), no cancellation
     mean = tl.sum(tl.where(kmask, s, 0.0), axis=0) / K1
     dev = tl.where(kmask, s - mean[None, :], 0.0)
-    d = tl.minimum(tl.sqrt(tl.sum(dev * dev, axis=0) / (K1 - 1)), 1.0)
+    d = tl.minimum(tl.sqrt(tl.sum(dev * dev, axis=0) / (K1 - 1)), 1.0, propagate_nan=NAN)
     return c * d, d
 
 
@@ -97,11 +104,11 @@ def _metric(Z, norms, rho, dmean, total,
     if METRIC != 2:  # off or warm-up
         m = tl.zeros_like(z)
     elif K1 == 1:
-        m = 1.0 - _sig(rho * z)
+        m = _sig(-rho * z)  # 1 - sigmoid(rho z)
     else:
         m, d = _conf_stab(Z, norms, rho, K1, KP, LN)
         if STD:
-            m = tl.where(dmean == 0.0, 1.0 - _sig(rho * z), m / dmean)
+            m = tl.where(dmean == 0.0, _sig(-rho * z), m / dmean)
         if WN:
             m = tl.where(total == 0.0, m, m / total)
     return m
@@ -145,7 +152,7 @@ def _pairs_kernel(
             m_raw, d = _conf_stab(Z, norms, rho, K1, KP, LN)
             sd += tl.where(jm, d, 0.0)
             sm += tl.where(jm, m_raw, 0.0)
-            sf += tl.where(jm, 1.0 - _sig(rho * _row0(Z, KP)), 0.0)
+            sf += tl.where(jm, _sig(-rho * _row0(Z, KP)), 0.0)
         dmean = tl.sum(sd, axis=0) / Bg
         total = tl.sum(sm, axis=0)
         if STD:
@@ -155,6 +162,7 @@ def _pairs_kernel(
     T = flip_threshold
     if FLIP:
         q = tl.full((BQ,), float("-inf"), tl.float32)
+        found = tl.zeros((BQ,), tl.int32)
         for a0 in range(0, Bg, BQ):
             ja = a0 + tl.arange(0, BQ)
             jam = ja < Bg
@@ -172,7 +180,19 @@ def _pairs_kernel(
                 le += tl.sum((valid & (mc[None, :] <= ma[:, None])).to(tl.int32), axis=1)
             hit = jam & (lt <= q_idx) & (q_idx < le)
             q = tl.maximum(q, tl.where(hit, ma, float("-inf")))
-        T = tl.maximum(tl.max(q, axis=0), flip_threshold)
+            found += hit.to(tl.int32)
+        # no rank hit only when rank q_idx falls among the NaNs (sorted last): q is NaN, and
+        # so is T = clamp(q, min=h), which flips nothing (as torch.sort + clamp)
+        T = tl.where(tl.sum(found, axis=0) > 0, tl.maximum(tl.max(q, axis=0), flip_threshold), float("nan"))
+        # zbar over the logits as the loss sees them, flipped pairs negated (spec section 7)
+        zs = tl.zeros((BB,), tl.float32)
+        for b0 in range(0, Bg, BB):
+            j = b0 + lanes
+            Z = _logits(mse_ptr, j, j < Bg, Bg, K1, KP)
+            m = _metric(Z, norms, rho, dmean, total, K1, KP, METRIC, LN, STD, WN)
+            z = _row0(Z, KP)
+            zs += tl.where(m > T, -z, z)  # masked pairs have z = 0
+        zbar = tl.sum(zs, axis=0) / Bg
 
     # pass 4: the local pairs
     inv_n = 1.0 / num_pairs
@@ -223,8 +243,8 @@ def _pairs_kernel(
             dL = 2.0 * w * u
         elif LOSS == 2:  # hinge
             h = 1.0 - x
-            L = tl.maximum(h, 0.0)
-            dL = tl.where(h > 0.0, -beta, 0.0)
+            L = tl.maximum(h, 0.0, propagate_nan=NAN)
+            dL = tl.where(h <= 0.0, 0.0, -beta)  # relu'(0) = 0, relu'(NaN) = 1: torch's
         elif LOSS == 3:  # robust
             L = (-(1.0 - eps) * _logsig(x) + eps * _logsig(-x)) / (1.0 - 2.0 * eps)
             dL = -beta * ((1.0 - eps) * _sig(-x) + eps * _sig(x)) / (1.0 - 2.0 * eps)

@@ -82,14 +82,11 @@ void pairs_kernel(const acc_t* mse, int64_t T, int64_t B, int64_t offset, int64_
     for (int64_t k = 1; k < kp1; ++k) Z[k * B + i] = ref_diff - diff(k + 1);
   }
   const double* z = Z.data();
-  double zsum = 0.0;
-  for (int64_t i = 0; i < B; ++i) zsum += z[i];
-  const double zbar = zsum / (double)B;
 
   std::vector<double> m(B, 0.0);
   if (p.metric == METRIC_ON) {
     if (kp1 == 1) {
-      for (int64_t i = 0; i < B; ++i) m[i] = 1.0 - sigmoid(p.rho * z[i]);
+      for (int64_t i = 0; i < B; ++i) m[i] = sigmoid(-p.rho * z[i]);  // 1 - sigmoid(rho z)
     } else {
       std::vector<double> norms(kp1);
       if (p.logits_normalize) {
@@ -109,7 +106,7 @@ void pairs_kernel(const acc_t* mse, int64_t T, int64_t B, int64_t offset, int64_
         double dsum = 0.0;
         for (int64_t i = 0; i < B; ++i) dsum += d[i];
         const double dmean = dsum / (double)B;
-        for (int64_t i = 0; i < B; ++i) m[i] = dmean == 0.0 ? 1.0 - sigmoid(p.rho * z[i]) : m[i] / dmean;
+        for (int64_t i = 0; i < B; ++i) m[i] = dmean == 0.0 ? sigmoid(-p.rho * z[i]) : m[i] / dmean;
       }
       if (p.weight_normalize) {
         double total = 0.0;
@@ -127,6 +124,11 @@ void pairs_kernel(const acc_t* mse, int64_t T, int64_t B, int64_t offset, int64_
     const double q = sorted[flip_rank(B, p.flip_ratio)];
     threshold = q < p.flip_threshold ? p.flip_threshold : q;  // clamp(q, min=h); NaN stays NaN
   }
+
+  // zbar: the mean of the logits as the loss sees them, flipped pairs negated (spec section 7)
+  double zsum = 0.0;
+  for (int64_t i = 0; i < B; ++i) zsum += p.flip && m[i] > threshold ? -z[i] : z[i];
+  const double zbar = zsum / (double)B;
 
   double lsum = 0.0;
   int64_t pos = 0, zero = 0;

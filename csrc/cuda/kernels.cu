@@ -50,10 +50,12 @@ template <typename T> __device__ __forceinline__ Pack<T> load16(const T* ptr) {
   return out;
 }
 
+// __stwb (st.global.wb.v4.u32, the default caching) rather than a plain uint4 store: NVVM
+// split one of the plain stores of pairs_bwd_kernel into four 4-byte stores.
 template <typename T> __device__ __forceinline__ void store16(T* ptr, const Pack<T>& v) {
   uint4 raw;
   memcpy(&raw, &v, 16);
-  *reinterpret_cast<uint4*>(ptr) = raw;
+  __stwb(reinterpret_cast<uint4*>(ptr), raw);
 }
 
 // The variants are template parameters; these switches pick them at run time.
@@ -100,6 +102,8 @@ template <int NT, typename A> __device__ __forceinline__ A block_sum(A v, A* sh)
 }
 
 // ---- stage 1: per-chunk sums of squares ----------------------------------------------
+// Passed as a __grid_constant__ kernel parameter and indexed in place (constant bank): a
+// by-value struct indexed with a runtime t was copied to local memory by every thread.
 template <typename T> struct PredPtrs { const T* p[MAX_PREDS_PER_LAUNCH]; };
 
 template <typename T> constexpr int64_t kChunk = (int64_t)MSE_THREADS * MSE_ITERS * (16 / sizeof(T));
@@ -109,8 +113,9 @@ template <typename T> constexpr int64_t kChunk = (int64_t)MSE_THREADS * MSE_ITER
 // aligned (N % (16 / sizeof(T)) == 0 and aligned base pointers).
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(MSE_THREADS, 2)
-mse_partial_kernel(PredPtrs<T> preds, int n_preds, int64_t first, const T* __restrict__ target, int64_t R,
-                   int64_t Bt, int64_t N, int64_t nchunks, acc_t<T>* __restrict__ partials) {
+mse_partial_kernel(const __grid_constant__ PredPtrs<T> preds, int n_preds, int64_t first,
+                   const T* __restrict__ target, int64_t R, int64_t Bt, int64_t N, int64_t nchunks,
+                   acc_t<T>* __restrict__ partials) {
   using A = acc_t<T>;
   __shared__ A sh[MSE_THREADS / 32 + 1];
   const int64_t blk = blockIdx.x;
@@ -169,8 +174,10 @@ mse_combine_kernel(const A* __restrict__ partials, int64_t rows, int64_t nchunks
 }
 
 // ---- the scalar stage ----------------------------------------------------------------
+// (PAIRS_THREADS, 1): without the explicit one block per SM ptxas capped the kernel at 64
+// registers and kept a double in local memory across the slow-path calls of double division.
 template <typename A>
-__global__ void __launch_bounds__(PAIRS_THREADS)
+__global__ void __launch_bounds__(PAIRS_THREADS, 1)
 pairs_kernel(const A* __restrict__ mse, int64_t T, int64_t B, int64_t offset, int64_t n, Params p,
              double* __restrict__ ws, PairsOut out) {
   constexpr int NT = PAIRS_THREADS;
@@ -184,16 +191,13 @@ pairs_kernel(const A* __restrict__ mse, int64_t T, int64_t B, int64_t offset, in
   double* norms = d + B;      // (K + 1,) batch L2 norms
 
   // Logits z and z^(k) of every pair (batch statistics run over all B pairs).
-  double zs = 0.0;
   for (int64_t i = tid; i < B; i += NT) {
     const double ref_diff = (double)mse[2 * B + i] - (double)mse[3 * B + i];
-    const double z = ref_diff - ((double)mse[i] - (double)mse[B + i]);
-    Z[i] = z;
-    zs += z;
+    Z[i] = ref_diff - ((double)mse[i] - (double)mse[B + i]);
     for (int64_t k = 1; k < kp1; ++k)
       Z[k * B + i] = ref_diff - ((double)mse[(k + 1) * 2 * B + i] - (double)mse[(k + 1) * 2 * B + B + i]);
   }
-  const double zbar = block_sum<NT>(zs, sh) / (double)B;  // its barriers publish Z
+  __syncthreads();  // publish Z
 
   // Metric (spec section 4).
   const bool on = p.metric == METRIC_ON;
@@ -203,7 +207,7 @@ pairs_kernel(const A* __restrict__ mse, int64_t T, int64_t B, int64_t offset, in
         double ss = 0.0;
         for (int64_t i = tid; i < B; i += NT) ss += Z[k * B + i] * Z[k * B + i];
         const double nrm = sqrt(block_sum<NT>(ss, sh));
-        if (tid == 0) norms[k] = nrm > NORM_EPS ? nrm : NORM_EPS;
+        if (tid == 0) norms[k] = nrm < NORM_EPS ? NORM_EPS : nrm;  // NaN stays NaN, like clamp_min
       }
       __syncthreads();
     }
@@ -217,7 +221,7 @@ pairs_kernel(const A* __restrict__ mse, int64_t T, int64_t B, int64_t offset, in
     }
     if (p.std_standardize) {
       const double dmean = block_sum<NT>(dl, sh) / (double)B;
-      for (int64_t i = tid; i < B; i += NT) m[i] = dmean == 0.0 ? 1.0 - sigmoid(p.rho * Z[i]) : m[i] / dmean;
+      for (int64_t i = tid; i < B; i += NT) m[i] = dmean == 0.0 ? sigmoid(-p.rho * Z[i]) : m[i] / dmean;
     }
     if (p.weight_normalize) {
       double ml = 0.0;
@@ -227,7 +231,7 @@ pairs_kernel(const A* __restrict__ mse, int64_t T, int64_t B, int64_t offset, in
         for (int64_t i = tid; i < B; i += NT) m[i] /= total;
     }
   } else {
-    for (int64_t i = tid; i < B; i += NT) m[i] = on ? 1.0 - sigmoid(p.rho * Z[i]) : 0.0;
+    for (int64_t i = tid; i < B; i += NT) m[i] = on ? sigmoid(-p.rho * Z[i]) : 0.0;  // 1 - sigmoid(rho z)
   }
   __syncthreads();
 
@@ -252,6 +256,11 @@ pairs_kernel(const A* __restrict__ mse, int64_t T, int64_t B, int64_t offset, in
     const double q = m[qidx];
     thr = q < p.flip_threshold ? p.flip_threshold : q;
   }
+
+  // zbar: the mean of the logits as the loss sees them, flipped pairs negated (spec section 7)
+  double zs = 0.0;
+  for (int64_t i = tid; i < B; i += NT) zs += p.flip && m[i] > thr ? -Z[i] : Z[i];
+  const double zbar = block_sum<NT>(zs, sh) / (double)B;
 
   // This process's pairs: outputs, loss and g_i = d loss / d z_i.
   A* logits = static_cast<A*>(out.logits);
@@ -288,6 +297,9 @@ pairs_kernel(const A* __restrict__ mse, int64_t T, int64_t B, int64_t offset, in
 }
 
 // ---- backward ------------------------------------------------------------------------
+constexpr int BWD_BATCH = MSE_ITERS / 2;  // 16-byte vectors per input loaded before the first store
+static_assert(MSE_ITERS % BWD_BATCH == 0, "the backward's batches tile a chunk");
+
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(MSE_THREADS, 2)
 pairs_bwd_kernel(const acc_t<T>* __restrict__ grad_loss, const acc_t<T>* __restrict__ gcoef,
@@ -307,23 +319,28 @@ pairs_bwd_kernel(const acc_t<T>* __restrict__ grad_loss, const acc_t<T>* __restr
   if constexpr (VEC) {
     constexpr int V = 16 / sizeof(T);
     const int64_t nvec = len / V;
-    Pack<T> pv[MSE_ITERS], tv[MSE_ITERS];
+    // Two batches of BWD_BATCH vectors per input (64 bytes in flight per thread per input):
+    // all MSE_ITERS at once spilled the bf16 variant under the (256, 2) launch bounds.
 #pragma unroll
-    for (int u = 0; u < MSE_ITERS; ++u) {
-      const int64_t v = (int64_t)u * MSE_THREADS + threadIdx.x;
-      if (v < nvec) {
-        pv[u] = load16(p + v * V);
-        tv[u] = load16(q + v * V);
+    for (int u0 = 0; u0 < MSE_ITERS; u0 += BWD_BATCH) {
+      Pack<T> pv[BWD_BATCH], tv[BWD_BATCH];
+#pragma unroll
+      for (int u = 0; u < BWD_BATCH; ++u) {
+        const int64_t v = (int64_t)(u0 + u) * MSE_THREADS + threadIdx.x;
+        if (v < nvec) {
+          pv[u] = load16(p + v * V);
+          tv[u] = load16(q + v * V);
+        }
       }
-    }
 #pragma unroll
-    for (int u = 0; u < MSE_ITERS; ++u) {
-      const int64_t v = (int64_t)u * MSE_THREADS + threadIdx.x;
-      if (v < nvec) {
-        Pack<T> g;
+      for (int u = 0; u < BWD_BATCH; ++u) {
+        const int64_t v = (int64_t)(u0 + u) * MSE_THREADS + threadIdx.x;
+        if (v < nvec) {
+          Pack<T> g;
 #pragma unroll
-        for (int e = 0; e < V; ++e) g.x[e] = from_acc<T>(coef * (to_acc(pv[u].x[e]) - to_acc(tv[u].x[e])));
-        store16(o + v * V, g);
+          for (int e = 0; e < V; ++e) g.x[e] = from_acc<T>(coef * (to_acc(pv[u].x[e]) - to_acc(tv[u].x[e])));
+          store16(o + v * V, g);
+        }
       }
     }
   } else {
