@@ -305,6 +305,11 @@ def loss_config(method: str, s: Settings, flip_rate: float, rho0: Optional[float
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
 
 
+def diverged(reward_: float, reward_ref: float) -> bool:
+    """The fine-tuned samples ended at least twice as far from the target as the reference's (or not finite)."""
+    return not math.isfinite(reward_) or reward_ < 2.0 * reward_ref
+
+
 @dataclass
 class RunResult:
     method: str
@@ -320,6 +325,7 @@ class RunResult:
     weights: Optional[np.ndarray] = None
     flipped: Optional[np.ndarray] = None
     flops: int = 0  # matmul/conv FLOPs of one post-warm-up step (FlopCounterMode; shadow metric not counted)
+    logit_rms_end: float = float("nan")  # RMS of the pair logits z over the last eval_every steps
     seconds: float = 0.0
 
     def row(self) -> dict:
@@ -334,6 +340,7 @@ class RunResult:
             logit_ap=average_precision(-z, f) if has else float("nan"),
             weight_ratio=(float(w[f].mean() / w[~f].mean()) if has and self.method.startswith("adaptive")
                           else float("nan")),
+            diverged=int(diverged(self.reward, self.reward_ref)), logit_rms_end=self.logit_rms_end,
             flops=self.flops, seconds=self.seconds)
 
 
@@ -410,6 +417,7 @@ def finetune(method: str, flip_rate: float, seed: int, ref: EpsMLP, sched: Sched
     if rec_z:
         res.logits = torch.cat(rec_z).numpy()
         res.flipped = torch.cat(rec_f).numpy()
+        res.logit_rms_end = float(np.sqrt(np.mean(res.logits[-s.eval_every * B:].astype(np.float64) ** 2)))
     return res
 
 
@@ -452,7 +460,8 @@ def _mean_std(v: Sequence[float]) -> tuple[float, float]:
     return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else float("nan"))
 
 
-SUMMARY_FIELDS = ("gain", "metric_auroc", "metric_ap", "logit_auroc", "logit_ap", "weight_ratio", "rho", "flops")
+SUMMARY_FIELDS = ("gain", "metric_auroc", "metric_ap", "logit_auroc", "logit_ap", "weight_ratio", "rho", "flops",
+                  "logit_rms_end")
 
 
 def unet_flops(methods: Sequence[str], s: Settings) -> dict:
@@ -476,7 +485,7 @@ def summarise(results: list[RunResult], s: Settings, unet: Optional[dict] = None
             sel = [r for r in rows if r["method"] == m and r["flip_rate"] == rate]
             if not sel:
                 continue
-            row = dict(method=m, flip_rate=rate, n_seeds=len(sel))
+            row = dict(method=m, flip_rate=rate, n_seeds=len(sel), n_diverged=sum(r["diverged"] for r in sel))
             for f in SUMMARY_FIELDS:
                 row[f + "_mean"], row[f + "_std"] = _mean_std([r[f] for r in sel])
             # the gain as a fraction of a clean (0% flips) run's gain on the same seed: of clean
@@ -485,7 +494,8 @@ def summarise(results: list[RunResult], s: Settings, unet: Optional[dict] = None
                 base = {r["seed"]: r["gain"] for r in rows
                         if r["method"] == base_method and r["flip_rate"] == 0.0}
                 ratios = [r["gain"] / base[r["seed"]] for r in sel if base.get(r["seed"], 0) > 0]
-                row[key + "_mean"], row[key + "_std"] = _mean_std(ratios)
+                # a mean over the seeds whose clean run gained would hide the others: all or nothing
+                row[key + "_mean"], row[key + "_std"] = _mean_std(ratios if len(ratios) == len(sel) else [])
             dpo_flops = [r["flops"] for r in rows if r["method"] == "dpo"]
             row["flops_vs_dpo"] = row["flops_mean"] / dpo_flops[0] if dpo_flops else float("nan")
             row["unet_flops"] = unet.get(m, float("nan"))
@@ -508,7 +518,8 @@ def markdown_table(summary: list[dict]) -> str:
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary:
         lines.append(
-            f"| {r['flip_rate']:.0%} | {r['method']} | {_fmt(r['gain_mean'], r['gain_std'])} "
+            f"| {r['flip_rate']:.0%} | {r['method']} | {_fmt(r['gain_mean'], r['gain_std'])}"
+            + (f" ({r['n_diverged']} of {r['n_seeds']} diverged)" if r["n_diverged"] else "") + " "
             f"| {_fmt(r['gain_vs_clean_dpo_mean'], r['gain_vs_clean_dpo_std'], pct=True)} "
             f"| {_fmt(r['gain_vs_own_clean_mean'], r['gain_vs_own_clean_std'], pct=True)} "
             f"| {_fmt(r['metric_auroc_mean'], r['metric_auroc_std'])} "
@@ -593,6 +604,9 @@ def plot_gain_vs_compute(summary: list[dict], path: str, rate: float = 0.2) -> N
     plt.close(fig)
 
 
+GAIN_FLOOR = -0.5  # lower edge of the curves plot (a gain is >= 0 unless a run goes astray)
+
+
 def plot_curves(results: list[RunResult], path: str) -> None:
     """Reward gain over the reference vs fine-tuning step, mean and spread over seeds."""
     import matplotlib
@@ -603,6 +617,7 @@ def plot_curves(results: list[RunResult], path: str) -> None:
     fig, axes = plt.subplots(1, len(rates), figsize=(3.3 * len(rates), 3.0), sharey=True, squeeze=False)
     colours = COLOURS
     for ax, rate in zip(axes[0], rates):
+        off = []
         for method in methods:
             sel = [r for r in results if r.method == method and r.flip_rate == rate]
             if not sel:
@@ -610,11 +625,18 @@ def plot_curves(results: list[RunResult], path: str) -> None:
             steps = np.asarray(sel[0].curve_steps)
             g = np.asarray([r.curve_gain for r in sel])
             mu = g.mean(0)
+            n_off = int((g.min(1) < GAIN_FLOOR).sum())
+            if n_off:
+                off.append(f"{method}: {n_off}/{len(sel)} seeds")
             ax.plot(steps, mu, color=colours[method], label=method)
             if len(sel) > 1:
                 sd = g.std(0, ddof=1)
                 ax.fill_between(steps, mu - sd, mu + sd, color=colours[method], alpha=0.2)
         ax.set_title(f"{rate:.0%} labels flipped", fontsize=10)
+        ax.set_ylim(bottom=GAIN_FLOOR, top=min(ax.get_ylim()[1], 3.0))  # diverged runs would flatten the rest
+        if off:
+            ax.text(0.03, 0.03, "below the axis:\n" + "\n".join(off), transform=ax.transAxes, fontsize=7,
+                    va="bottom")
         ax.set_xlabel("fine-tuning step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("reward gain over reference")
