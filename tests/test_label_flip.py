@@ -1,7 +1,7 @@
 """The label-flip experiment (adpo_train/experiments/label_flip.py).
 
-One ``--quick`` run with its fixed seed (about half a minute on a CPU), then checks of
-properties its own output must have; no result is hard-coded.
+One ``--quick`` run with its fixed seed (25-45 s on a 2-core CPU, all five methods), then
+checks of properties its own output must have; no result is hard-coded.
 """
 import csv
 import itertools
