@@ -671,7 +671,8 @@ def write_report(results: list[RunResult], s: Settings, out_dir: str, seconds: f
 def parse_args(argv: Optional[list[str]]) -> tuple[Settings, str, list[str]]:
     p = argparse.ArgumentParser(
         prog="adpo-train experiment label-flip",
-        description="Label-flip robustness, minority detection and cost of DPO / robust-DPO / Adaptive-DPO (K = 2, 1, 0) "
+        description="Label-flip robustness, minority detection and cost of DPO / robust-DPO / Adaptive-DPO "
+                    "(K = 2, 1, 0 annotators) "
                     "on a 2-D toy diffusion problem with a known reward (see docs/method-study.md).")
     p.add_argument("--quick", action="store_true", help="the CI preset: 1 seed, 300 steps (about a minute)")
     p.add_argument("--out", default=None, help="output folder (default outputs/label_flip[_quick])")
