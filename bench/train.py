@@ -15,6 +15,8 @@ Variants (same shapes, same random-init weights, in one run):
 ``adaptive``          the same with two EMA annotators (LoRA-only EMA swapped in place).
 ``adaptive-batched``  the same with the reference and both annotators in one mixed-batch forward
                       (:class:`adpo_train.annotators.MixedBatchAnnotators`).
+``adaptive-k0``       Adaptive-DPO without annotators (``m = 1 - sigmoid(rho z)``, spec section 4): the
+                      paper's loss options, no EMA (docs/method-study.md, "Are the annotators worth it").
 
 Suites: ``gpu`` (SD1.5-architecture UNet, 64x64 latents, 77x768 text, LoRA r8, 8 pairs/step,
 bf16) and ``cpu`` (the toy's tiny UNet at 16x16 latents, 16x32 text, LoRA r4, 8 pairs, fp32).
@@ -47,9 +49,9 @@ COLUMNS = ["bench", "suite", "variant", "status", "reason", "unet", "pairs", "la
            "compiled", "annotators", "pairs_per_s", "step_ms", "p10_ms", "p90_ms", "steps", "first_step_s",
            "flops_per_step", "tflops", "mfu", "peak_mem_gb", "speedup_vs_baseline", "mem_vs_baseline",
            "time_vs_dpo", "flops_vs_dpo"]
-VARIANTS = ("baseline", "dpo", "adaptive", "adaptive-batched")
+VARIANTS = ("baseline", "dpo", "adaptive", "adaptive-batched", "adaptive-k0")
 # On CUDA the compiled variants run in this order so that "dpo" reuses "adaptive"'s compiled graphs
-GPU_ORDER = ("baseline", "adaptive", "dpo", "adaptive-batched")
+GPU_ORDER = ("baseline", "adaptive", "dpo", "adaptive-batched", "adaptive-k0")
 SUITES = {
     "gpu": dict(unet="sd15", pairs=8, rank=8, dtype="bf16", res=512, steps=20, warmup=3, quick_steps=8,
                 quick_warmup=2),
@@ -236,6 +238,8 @@ class TrainerStep:
         unet.train()
         if variant == "dpo":
             ann, self.cfg = None, ak.AdaptiveDPOConfig.dpo()
+        elif variant == "adaptive-k0":
+            ann, self.cfg = None, ak.AdaptiveDPOConfig.paper()
         else:
             self.cfg = ak.AdaptiveDPOConfig.paper()
             names = [n for n, _ in named]
@@ -268,7 +272,7 @@ class TrainerStep:
 
         x = step_inputs(self.batch, self.sched, self.gen, self.device, self.dtype)
         with self._autocast():
-            out = self.models.loss(x, self.cfg, ready=self.ann is not None and self.step_no >= 2)
+            out = self.models.loss(x, self.cfg, ready=self.cfg.adaptive and self.step_no >= 2)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
         self.opt.step()

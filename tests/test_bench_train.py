@@ -11,7 +11,8 @@ def test_train_benchmark_cpu_smoke(tmp_path):
     rows = cli.run_benchmark("train", cli.build_parser().parse_args(
         ["train", "--device", "cpu", "--quick", "--steps", "1", "--warmup", "1", "--results-dir", str(tmp_path)]),
         log=lambda *a: None)
-    assert [r["variant"] for r in rows] == ["baseline", "dpo", "adaptive", "adaptive-batched"]
+    assert [r["variant"] for r in rows] == ["baseline", "dpo", "adaptive", "adaptive-batched",
+                                                  "adaptive-k0"]
     for r in rows:
         assert r["status"] == "ok", r
         assert r["pairs_per_s"] > 0 and r["step_ms"] > 0 and r["peak_mem_gb"] > 0
@@ -26,7 +27,7 @@ def test_train_benchmark_cpu_smoke(tmp_path):
     # each ratio compares the right rows, in the right direction, in the measured columns
     for r in rows:
         assert r["pairs"] == 8 and math.isclose(r["pairs_per_s"], 8 / (r["step_ms"] / 1e3), rel_tol=1e-6), r
-    for v in ("dpo", "adaptive", "adaptive-batched"):
+    for v in ("dpo", "adaptive", "adaptive-batched", "adaptive-k0"):
         r, base, dpo = by[v], by["baseline"], by["dpo"]
         assert math.isclose(r["speedup_vs_baseline"], base["step_ms"] / r["step_ms"], rel_tol=1e-6), r
         assert math.isclose(r["mem_vs_baseline"] * base["peak_mem_gb"], r["peak_mem_gb"], rel_tol=1e-6), r
@@ -34,4 +35,6 @@ def test_train_benchmark_cpu_smoke(tmp_path):
             assert math.isclose(r["time_vs_dpo"] * dpo["step_ms"], r["step_ms"], rel_tol=1e-6), r
             assert math.isclose(r["flops_vs_dpo"] * dpo["flops_per_step"], r["flops_per_step"], rel_tol=1e-6), r
     assert by["baseline"].get("speedup_vs_baseline") is None and by["dpo"].get("time_vs_dpo") is None
+    # without annotators the metric costs no UNet forward: the matmul/conv FLOPs are DPO's
+    assert by["adaptive-k0"]["flops_vs_dpo"] == 1 and by["adaptive-k0"]["annotators"] == 0
     assert (tmp_path / "train.csv").is_file()

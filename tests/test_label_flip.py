@@ -1,7 +1,7 @@
 """The label-flip experiment (adpo_train/experiments/label_flip.py).
 
-One ``--quick`` run with its fixed seed (about half a minute on a CPU), then checks of
-properties its own output must have; no result is hard-coded.
+One ``--quick`` run with its fixed seed (25-45 s on a 2-core CPU, all five methods), then
+checks of properties its own output must have; no result is hard-coded.
 """
 import csv
 import itertools
@@ -62,6 +62,15 @@ def test_metric_finds_flipped_pairs_above_chance(quick):
         assert float(r["metric_ap"]) > rate + 0.1, r
         # ... and the loss acts on it: flipped pairs get smaller weights on average
         assert float(r["weight_ratio"]) < 0.9, r
+    for rate in (0.1, 0.2, 0.3):
+        # one annotator: the paper's metric with K = 1, as selective as K = 2
+        r = _run(runs, "adaptive-k1", rate)
+        assert float(r["metric_auroc"]) > 0.6 and float(r["weight_ratio"]) < 0.9, r
+        # no annotator: m = 1 - sigmoid(rho0 z) is decreasing in z, so it ranks pairs exactly like -z
+        # (up to ties where the float32 sigmoid saturates)
+        r = _run(runs, "adaptive-k0", rate)
+        assert abs(float(r["metric_auroc"]) - float(r["logit_auroc"])) < 0.005, r
+        assert float(r["metric_auroc"]) > 0.6, r
     for method in ("dpo", "robust"):  # the shadow metric, computed on the side
         assert float(_run(runs, method, 0.2)["metric_auroc"]) > 0.55
     for method in lf.METHODS:  # no flipped pair, nothing to detect
@@ -70,7 +79,9 @@ def test_metric_finds_flipped_pairs_above_chance(quick):
 
 def test_fine_tuning_on_clean_labels_raises_the_true_reward(quick):
     _, runs, _ = quick
-    for method in lf.METHODS:
+    # adaptive-k0 is left out: over the full grid's 600 steps it diverges on clean labels
+    # (docs/method-study.md); that it has not yet at 300 steps is no property worth pinning
+    for method in ("dpo", "robust", "adaptive", "adaptive-k1"):
         assert float(_run(runs, method, 0.0)["gain"]) > 0.2, method
     # robust-DPO with label smoothing 0 is DPO: the same run, bit for bit
     assert _run(runs, "robust", 0.0)["gain"] == _run(runs, "dpo", 0.0)["gain"]
@@ -135,3 +146,60 @@ def test_module_runs_as_a_script():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "--quick" in r.stdout
+
+
+def _mlp_forward_flops(rows: int) -> int:
+    model = lf.EpsMLP(lf.Settings.quick().timesteps, lf.Settings.quick().hidden)
+    return sum(2 * rows * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_flops_per_step_count_one_forward_per_annotator(quick):
+    """Toy: annotator k costs one forward of the MLP on the 2B rows; nothing else differs from DPO."""
+    _, runs, summary = quick
+    s = lf.Settings.quick()
+    fwd = _mlp_forward_flops(2 * s.batch)
+    flops = {m: int(float(_run(runs, m, 0.2)["flops"])) for m in lf.METHODS}
+    for m in lf.METHODS:
+        assert flops[m] == flops["dpo"] + len(lf.ANNOTATORS[m]) * fwd, (m, flops)
+    # policy forward + backward + reference forward: between 3 and 4 forwards (no input grad at layer 1)
+    assert 3 * fwd < flops["dpo"] < 4 * fwd
+    by = {(r["method"], float(r["flip_rate"])): r for r in summary}
+    ratio = flops["adaptive"] / flops["dpo"]
+    assert float(by[("adaptive", 0.2)]["flops_vs_dpo"]) == pytest.approx(ratio, rel=1e-5)  # 6 digits in the CSV
+
+
+def test_unet_flops_count_one_unet_forward_per_annotator(quick):
+    """Trainer step on the LoRA UNet: annotator k adds exactly one no-grad UNet forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adpo_train.experiments import cost
+    from adpo_train.models import build_unet, text_shape
+
+    _, _, summary = quick
+    unet = {r["method"]: int(float(r["unet_flops"])) for r in summary if float(r["flip_rate"]) == 0.0}
+    model = build_unet(cost.UNET_SPEC["unet"])
+    n = 2 * cost.UNET_SPEC["pairs"]
+    tokens, width, _ = text_shape(cost.UNET_SPEC["unet"])
+    ss, c = model.config.sample_size, model.config.in_channels
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(torch.randn(n, c, ss, ss), torch.zeros(n, dtype=torch.long), torch.randn(n, tokens, width))
+    fwd = fc.get_total_flops()
+    for m in lf.METHODS:
+        k = len(lf.ANNOTATORS[m])
+        # LoRA r4 adds a few matmuls to each annotator's forward: within 2% of the bare UNet's
+        assert unet[m] - unet["dpo"] == pytest.approx(k * fwd, rel=0.02), (m, unet, fwd)
+    # the policy's backward runs through the frozen UNet (input grads) but computes weight grads for
+    # LoRA only, so DPO is well under the 4 forwards of a full fine-tune
+    assert 2.5 * fwd < unet["dpo"] < 3.6 * fwd
+
+
+def test_rho0_matches_the_papers_scale_on_the_clean_logits():
+    B = 4
+    # per-batch RMS 1, 2 and 4: median 2, so rho0 * rms = 15 / sqrt(16)
+    z = np.concatenate([np.full(B, 1.0), np.full(B, -2.0), np.array([4.0, -4.0, 4.0, -4.0])])
+    assert lf.rho0_from_clean(z, B) == pytest.approx(3.75 / 2.0)
+    s = lf.Settings.quick()
+    with pytest.raises(ValueError, match="rho0"):
+        lf.loss_config("adaptive-k0", s, 0.0)
+    cfg = lf.loss_config("adaptive-k0", s, 0.0, rho0=2.5)
+    assert cfg.adaptive and cfg.rho == 2.5 and lf.ANNOTATORS["adaptive-k0"] == ()

@@ -14,14 +14,20 @@ smoothing).  This module checks those claims where the ground truth is known:
   Bradley-Terry coin with ``--bt-temp``); a fixed fraction of labels is then flipped at
   random (0/10/20/30%), the same flips for every method;
 * methods: ``dpo`` (``AdaptiveDPOConfig.dpo(beta)``), ``robust`` (``loss_type="robust"``,
-  ``label_smoothing`` = flip rate) and ``adaptive`` (``AdaptiveDPOConfig.paper()`` with
+  ``label_smoothing`` = flip rate), ``adaptive`` (``AdaptiveDPOConfig.paper()`` with
   ``beta``/``rho`` rescaled for the toy; two EMA annotators of the policy with decays
-  0.9999 and 0.5 on diffusers' schedule, 2 warm-up steps; spec section 9);
+  0.9999 and 0.5 on diffusers' schedule, 2 warm-up steps; spec section 9),
+  ``adaptive-k1`` (the same with the 0.9999 annotator only) and ``adaptive-k0`` (no
+  annotator: ``m = 1 - sigmoid(rho0 z)``, spec section 4; ``rho0`` chosen per seed on
+  the clean DPO run, see :func:`rho0_from_clean`);
 * measured: the true reward of samples from each fine-tuned model minus that of the
   reference (same sampling noise), during and after training; the metric's AUROC and
   average precision at finding the flipped pairs of each training batch.  For ``dpo``
   and ``robust`` the same metric is computed on the side ("shadow" annotators, no effect
-  on training) so that every row reports detection quality.
+  on training) so that every row reports detection quality;
+* cost: the matmul/conv FLOPs of one post-warm-up step of each run (``FlopCounterMode``;
+  shadow annotators not counted), and of the trainer's step on a LoRA UNet
+  (:mod:`adpo_train.experiments.cost`), both relative to DPO.
 
 Run ``python -m adpo_train.experiments.label_flip --help``; results and the reading are
 in ``docs/method-study.md``.
@@ -37,21 +43,26 @@ import os
 import platform
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import adpo_kernels as ak
 
-METHODS = ("dpo", "robust", "adaptive")
+METHODS = ("dpo", "robust", "adaptive", "adaptive-k1", "adaptive-k0")
 N_MODES = 8
 RADIUS = 2.0
 MODE_STD = 0.2
 TARGET = (RADIUS, 0.0)  # the reward peaks at the centre of mode 0
 EMA_DECAYS = (0.9999, 0.5)  # spec section 9
+# The annotators each method's loss uses.  With one annotator, the slow one: the 0.5 EMA trails
+# the policy by about a step, so alone it would agree with the policy and make the metric ~0.
+ANNOTATORS = {"dpo": (), "robust": (), "adaptive": EMA_DECAYS, "adaptive-k1": EMA_DECAYS[:1], "adaptive-k0": ()}
 PAPER_BATCH = 16  # pairs per device in the paper's run, the batch its rho = 15 was set for
 
 
@@ -74,6 +85,7 @@ class Settings:
     lr: float = 3e-4
     beta: float = 10.0
     rho: Optional[float] = None  # None: 15 * sqrt(batch / 16), see rho_for()
+    rho0: Optional[float] = None  # adaptive-k0's rho; None: per seed from the clean DPO run, rho0_from_clean()
     ema_warmup_steps: int = 2
     shadow_metric: bool = True  # compute the metric (no effect) during dpo / robust runs too
     eval_every: int = 50
@@ -91,6 +103,18 @@ class Settings:
         # With logits_normalize each row of Z has unit L2 norm over the batch, so a typical
         # entry is ~1/sqrt(B); keep rho * |z_normalised| where the paper's rho=15 at B=16 put it.
         return self.rho if self.rho is not None else 15.0 * math.sqrt(self.batch / PAPER_BATCH)
+
+
+def rho0_from_clean(logits: np.ndarray, batch: int) -> float:
+    """adaptive-k0's rho by the rule of :meth:`Settings.rho_for`, on logits of a clean-label run.
+
+    The paper's ``rho = 15`` acts on batch-normalised logits at 16 pairs, where a typical
+    entry is ``15 * z / ||z|| = 15 * z / (4 rms(z))``.  Without annotators the spec does not
+    normalise (``m = 1 - sigmoid(rho z)``), so the same scale needs ``rho0 = 3.75 / rms(z)``;
+    ``rms(z)`` is the median over steps of the per-batch RMS of the clean DPO run's logits.
+    """
+    z = np.asarray(logits, dtype=np.float64).reshape(-1, batch)
+    return float(15.0 / math.sqrt(PAPER_BATCH) / np.median(np.sqrt((z ** 2).mean(1))))
 
 
 # -- the toy diffusion problem ---------------------------------------------------------
@@ -267,14 +291,23 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
 
 # -- fine-tuning ---------------------------------------------------------------------
 
-def loss_config(method: str, s: Settings, flip_rate: float) -> ak.AdaptiveDPOConfig:
+def loss_config(method: str, s: Settings, flip_rate: float, rho0: Optional[float] = None) -> ak.AdaptiveDPOConfig:
     if method == "dpo":
         return ak.AdaptiveDPOConfig.dpo(s.beta)
     if method == "robust":
         return ak.AdaptiveDPOConfig.dpo(s.beta, loss_type="robust", label_smoothing=flip_rate)
-    if method == "adaptive":
+    if method in ("adaptive", "adaptive-k1"):
         return ak.AdaptiveDPOConfig.paper(beta=s.beta, rho=s.rho_for())
+    if method == "adaptive-k0":  # the paper preset; with K = 0 logits_normalize has no effect (spec section 4)
+        if rho0 is None:
+            raise ValueError("loss_config: adaptive-k0 needs rho0 (Settings.rho0 or rho0_from_clean)")
+        return ak.AdaptiveDPOConfig.paper(beta=s.beta, rho=rho0)
     raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+
+
+def diverged(reward_: float, reward_ref: float) -> bool:
+    """The fine-tuned samples ended at least twice as far from the target as the reference's (or not finite)."""
+    return not math.isfinite(reward_) or reward_ < 2.0 * reward_ref
 
 
 @dataclass
@@ -282,6 +315,7 @@ class RunResult:
     method: str
     flip_rate: float
     seed: int
+    rho: float  # the rho of the metric recorded (dpo / robust: the shadow metric's)
     reward_ref: float
     reward: float
     curve_steps: list = field(default_factory=list)
@@ -290,28 +324,32 @@ class RunResult:
     logits: Optional[np.ndarray] = None
     weights: Optional[np.ndarray] = None
     flipped: Optional[np.ndarray] = None
+    flops: int = 0  # matmul/conv FLOPs of one post-warm-up step (FlopCounterMode; shadow metric not counted)
+    logit_rms_end: float = float("nan")  # RMS of the pair logits z over the last eval_every steps
     seconds: float = 0.0
 
     def row(self) -> dict:
         m, z, w, f = self.metric, self.logits, self.weights, self.flipped
         has = f is not None and f.any() and (~f).any()
         return dict(
-            method=self.method, flip_rate=self.flip_rate, seed=self.seed,
+            method=self.method, flip_rate=self.flip_rate, seed=self.seed, rho=self.rho,
             reward_ref=self.reward_ref, reward=self.reward, gain=self.reward - self.reward_ref,
             metric_auroc=auroc(m, f) if has and m is not None else float("nan"),
             metric_ap=average_precision(m, f) if has and m is not None else float("nan"),
             logit_auroc=auroc(-z, f) if has else float("nan"),
             logit_ap=average_precision(-z, f) if has else float("nan"),
-            weight_ratio=(float(w[f].mean() / w[~f].mean()) if has and self.method == "adaptive"
+            weight_ratio=(float(w[f].mean() / w[~f].mean()) if has and self.method.startswith("adaptive")
                           else float("nan")),
-            seconds=self.seconds)
+            diverged=int(diverged(self.reward, self.reward_ref)), logit_rms_end=self.logit_rms_end,
+            flops=self.flops, seconds=self.seconds)
 
 
 def finetune(method: str, flip_rate: float, seed: int, ref: EpsMLP, sched: Schedule, pairs: Pairs,
-             s: Settings, reward_ref: float) -> RunResult:
-    cfg = loss_config(method, s, flip_rate)
-    adaptive = method == "adaptive"
-    track = adaptive or s.shadow_metric
+             s: Settings, reward_ref: float, rho0: Optional[float] = None) -> RunResult:
+    cfg = loss_config(method, s, flip_rate, rho0)
+    own = ANNOTATORS[method]
+    # dpo / robust: the paper's metric on the side ("shadow"), no effect on their training
+    shadow = not cfg.adaptive and s.shadow_metric
     shadow_cfg = loss_config("adaptive", s, flip_rate)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(50_000 + seed)  # same batches for every method
@@ -319,11 +357,12 @@ def finetune(method: str, flip_rate: float, seed: int, ref: EpsMLP, sched: Sched
     for p in policy.parameters():
         p.requires_grad_(True)
     policy.train()
-    annotators = [EMA(policy, d) for d in EMA_DECAYS] if track else []
+    annotators = [EMA(policy, d) for d in (EMA_DECAYS if shadow else own)]
     opt = torch.optim.AdamW(policy.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     P, B = pairs.winners.shape[0], s.batch
     rec_m, rec_z, rec_w, rec_f = [], [], [], []
-    res = RunResult(method, flip_rate, seed, reward_ref, float("nan"), [0], [0.0])  # step 0: the reference
+    rho = (shadow_cfg if shadow else cfg).rho if (shadow or cfg.adaptive) else float("nan")
+    res = RunResult(method, flip_rate, seed, rho, reward_ref, float("nan"), [0], [0.0])  # step 0: the reference
     t0 = time.perf_counter()
     for step in range(1, s.steps + 1):
         idx = torch.randint(0, P, (B,), generator=gen)
@@ -332,26 +371,34 @@ def finetune(method: str, flip_rate: float, seed: int, ref: EpsMLP, sched: Sched
         x0 = torch.cat([pairs.winners[idx], pairs.losers[idx]])
         tt = torch.cat([t, t])
         xt = sched.noise(x0, tt, torch.cat([eps, eps]))
-        model_pred = policy(xt, tt)
-        with torch.no_grad():
-            ref_pred = ref(xt, tt)
-            ann = [a.model(xt, tt) for a in annotators]
-        # The annotators count as ready once they have had ema_warmup_steps updates.
-        ready = bool(annotators) and annotators[0].updates >= s.ema_warmup_steps
-        out = ak.adaptive_dpo_loss(model_pred, ref_pred, eps, ann if adaptive else None, config=cfg,
-                                   annotators_ready=ready)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        # The metric (and the annotators) start after ema_warmup_steps optimisation steps, as in the trainer.
+        ready = step > s.ema_warmup_steps
+        count = step == s.ema_warmup_steps + 1  # one step with everything on: its FLOPs are the method's cost
+        with (FlopCounterMode(display=False) if count else nullcontext()) as fc:
+            model_pred = policy(xt, tt)
+            with torch.no_grad():
+                ref_pred = ref(xt, tt)
+                ann = [a.model(xt, tt) for a in annotators] if own and ready else None
+            out = ak.adaptive_dpo_loss(model_pred, ref_pred, eps, ann, config=cfg, annotators_ready=ready)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+        if count:
+            res.flops = int(fc.get_total_flops())
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
-        if track and ready:
-            if adaptive:
+        if ready:
+            if cfg.adaptive:
                 m, w = out.metric, out.weights
-            else:  # the same metric, on the side; it does not touch this run's loss
-                m = ak.adaptive_dpo_loss(model_pred.detach(), ref_pred, eps, ann, config=shadow_cfg).metric
+            elif shadow:  # the EMA weights are those of before this step's update, as in an adaptive run
+                with torch.no_grad():
+                    sh = [a.model(xt, tt) for a in annotators]
+                m = ak.adaptive_dpo_loss(model_pred.detach(), ref_pred, eps, sh, config=shadow_cfg).metric
                 w = torch.ones_like(m)
-            rec_m.append(m)
-            rec_w.append(w)
+            else:
+                m = w = None
+            if m is not None:
+                rec_m.append(m)
+                rec_w.append(w)
             rec_z.append(out.logits)
             rec_f.append(pairs.flipped[idx])
         for a in annotators:
@@ -366,9 +413,11 @@ def finetune(method: str, flip_rate: float, seed: int, ref: EpsMLP, sched: Sched
     res.seconds = time.perf_counter() - t0
     if rec_m:
         res.metric = torch.cat(rec_m).numpy()
-        res.logits = torch.cat(rec_z).numpy()
         res.weights = torch.cat(rec_w).numpy()
+    if rec_z:
+        res.logits = torch.cat(rec_z).numpy()
         res.flipped = torch.cat(rec_f).numpy()
+        res.logit_rms_end = float(np.sqrt(np.mean(res.logits[-s.eval_every * B:].astype(np.float64) ** 2)))
     return res
 
 
@@ -386,12 +435,19 @@ def run_grid(s: Settings, log=print) -> list[RunResult]:
         clean_w, clean_l = draw_pairs(ref, sched, s, seed)
         log(f"seed {seed}: reference pretrained in {time.perf_counter() - t0:.1f}s, "
             f"reward {reward_ref:.3f} (data {data_reward:.3f})")
+        done, rho0 = {}, s.rho0
+        if "adaptive-k0" in s.methods and rho0 is None:
+            # chosen on clean labels only: the clean DPO run (the grid's own row when it has one)
+            clean = finetune("dpo", 0.0, seed, ref, sched, flip_labels(clean_w, clean_l, 0.0, seed), s, reward_ref)
+            done[("dpo", 0.0)] = clean
+            rho0 = rho0_from_clean(clean.logits, s.batch)
+            log(f"  adaptive-k0: rho0 = {rho0:.4g} from the clean DPO run")
         for rate in s.flip_rates:
             pairs = flip_labels(clean_w, clean_l, rate, seed)
             for method in s.methods:
-                r = finetune(method, rate, seed, ref, sched, pairs, s, reward_ref)
+                r = done.get((method, rate)) or finetune(method, rate, seed, ref, sched, pairs, s, reward_ref, rho0)
                 row = r.row()
-                log(f"  {method:8s} flip {rate:.0%}: gain {row['gain']:+.3f}  metric AUROC "
+                log(f"  {method:11s} flip {rate:.0%}: gain {row['gain']:+.3f}  metric AUROC "
                     f"{row['metric_auroc']:.3f} AP {row['metric_ap']:.3f}  ({r.seconds:.1f}s)")
                 results.append(r)
     return results
@@ -404,11 +460,21 @@ def _mean_std(v: Sequence[float]) -> tuple[float, float]:
     return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else float("nan"))
 
 
-SUMMARY_FIELDS = ("gain", "metric_auroc", "metric_ap", "logit_auroc", "logit_ap", "weight_ratio")
+SUMMARY_FIELDS = ("gain", "metric_auroc", "metric_ap", "logit_auroc", "logit_ap", "weight_ratio", "rho", "flops",
+                  "logit_rms_end")
 
 
-def summarise(results: list[RunResult], s: Settings) -> list[dict]:
+def unet_flops(methods: Sequence[str], s: Settings) -> dict:
+    """FLOPs of one trainer step on the LoRA UNet of :mod:`.cost`, per method (the loss options do not change it)."""
+    from .cost import unet_step_flops
+
+    return {m: unet_step_flops(ANNOTATORS[m], loss_config(m, s, 0.0, rho0=1.0)) for m in methods}
+
+
+def summarise(results: list[RunResult], s: Settings, unet: Optional[dict] = None) -> list[dict]:
+    """Mean and std over seeds per (method, flip rate); FLOPs per step also relative to DPO's."""
     rows = [r.row() for r in results]
+    unet = unet or {}
     clean = {}
     for m in s.methods:
         g = [r["gain"] for r in rows if r["method"] == m and r["flip_rate"] == 0.0]
@@ -419,7 +485,7 @@ def summarise(results: list[RunResult], s: Settings) -> list[dict]:
             sel = [r for r in rows if r["method"] == m and r["flip_rate"] == rate]
             if not sel:
                 continue
-            row = dict(method=m, flip_rate=rate, n_seeds=len(sel))
+            row = dict(method=m, flip_rate=rate, n_seeds=len(sel), n_diverged=sum(r["diverged"] for r in sel))
             for f in SUMMARY_FIELDS:
                 row[f + "_mean"], row[f + "_std"] = _mean_std([r[f] for r in sel])
             # the gain as a fraction of a clean (0% flips) run's gain on the same seed: of clean
@@ -428,7 +494,12 @@ def summarise(results: list[RunResult], s: Settings) -> list[dict]:
                 base = {r["seed"]: r["gain"] for r in rows
                         if r["method"] == base_method and r["flip_rate"] == 0.0}
                 ratios = [r["gain"] / base[r["seed"]] for r in sel if base.get(r["seed"], 0) > 0]
-                row[key + "_mean"], row[key + "_std"] = _mean_std(ratios)
+                # a mean over the seeds whose clean run gained would hide the others: all or nothing
+                row[key + "_mean"], row[key + "_std"] = _mean_std(ratios if len(ratios) == len(sel) else [])
+            dpo_flops = [r["flops"] for r in rows if r["method"] == "dpo"]
+            row["flops_vs_dpo"] = row["flops_mean"] / dpo_flops[0] if dpo_flops else float("nan")
+            row["unet_flops"] = unet.get(m, float("nan"))
+            row["unet_flops_vs_dpo"] = unet.get(m, float("nan")) / unet.get("dpo", float("nan"))
             out.append(row)
     return out
 
@@ -443,17 +514,19 @@ def _fmt(mean: float, std: float, digits: int = 3, pct: bool = False) -> str:
 
 def markdown_table(summary: list[dict]) -> str:
     lines = ["| flips | method | reward gain vs ref | % of clean-DPO gain | % of own clean gain "
-             "| metric AUROC | metric AP | AUROC of -z | w(flipped)/w(clean) |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| metric AUROC | metric AP | AUROC of -z | w(flipped)/w(clean) | FLOPs/step vs DPO: toy, UNet |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary:
         lines.append(
-            f"| {r['flip_rate']:.0%} | {r['method']} | {_fmt(r['gain_mean'], r['gain_std'])} "
+            f"| {r['flip_rate']:.0%} | {r['method']} | {_fmt(r['gain_mean'], r['gain_std'])}"
+            + (f" ({r['n_diverged']} of {r['n_seeds']} diverged)" if r["n_diverged"] else "") + " "
             f"| {_fmt(r['gain_vs_clean_dpo_mean'], r['gain_vs_clean_dpo_std'], pct=True)} "
             f"| {_fmt(r['gain_vs_own_clean_mean'], r['gain_vs_own_clean_std'], pct=True)} "
             f"| {_fmt(r['metric_auroc_mean'], r['metric_auroc_std'])} "
             f"| {_fmt(r['metric_ap_mean'], r['metric_ap_std'])} "
             f"| {_fmt(r['logit_auroc_mean'], r['logit_auroc_std'])} "
-            f"| {_fmt(r['weight_ratio_mean'], r['weight_ratio_std'], 2)} |")
+            f"| {_fmt(r['weight_ratio_mean'], r['weight_ratio_std'], 2)} "
+            f"| {_fmt(r['flops_vs_dpo'], float('nan'), 2)}, {_fmt(r['unet_flops_vs_dpo'], float('nan'), 2)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -489,7 +562,7 @@ def plot_flip_fraction(results: list[RunResult], path: str, n_bins: int = 10, mi
             centres = 0.5 * (edges[1:] + edges[:-1])
             ax.plot(centres[keep], frac[keep], "o-", color=c, label=f"{rate:.0%} flipped", ms=4)
             ax.axhline(rate, color=c, ls=":", lw=1)
-        ax.set_title(f"{method}" + ("" if method == "adaptive" else " (shadow metric)"), fontsize=10)
+        ax.set_title(f"{method}" + ("" if method.startswith("adaptive") else " (shadow metric)"), fontsize=10)
         ax.set_xlabel("minority metric m (bin centre)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("fraction of flipped pairs in bin")
@@ -501,6 +574,39 @@ def plot_flip_fraction(results: list[RunResult], path: str, n_bins: int = 10, mi
     plt.close(fig)
 
 
+COLOURS = {"dpo": "tab:blue", "robust": "tab:orange", "adaptive": "tab:green", "adaptive-k1": "tab:purple",
+           "adaptive-k0": "tab:red"}
+
+
+def plot_gain_vs_compute(summary: list[dict], path: str, rate: float = 0.2) -> None:
+    """Reward gain at ``rate`` flips (mean, +- one std over seeds) vs FLOPs per step relative to DPO."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rates = sorted({r["flip_rate"] for r in summary})
+    rate = min(rates, key=lambda x: abs(x - rate))  # the nearest rate the grid has
+    sel = [r for r in summary if r["flip_rate"] == rate]
+    fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.2), sharey=True)
+    for ax, key, name in ((axes[0], "flops_vs_dpo", "toy MLP, full fine-tune"),
+                          (axes[1], "unet_flops_vs_dpo", "tiny SD-style UNet, LoRA")):
+        for r in sel:
+            std = 0.0 if math.isnan(r["gain_std"]) else r["gain_std"]
+            ax.errorbar([r[key]], [r["gain_mean"]], yerr=[std], fmt="o", capsize=3,
+                        color=COLOURS.get(r["method"]), label=r["method"])
+        ax.set_xlabel(f"FLOPs per step / DPO's ({name})")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"reward gain at {rate:.0%} flips")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Reward gain vs compute per step, {rate:.0%} labels flipped (mean +- std over seeds)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+GAIN_FLOOR = -0.5  # lower edge of the curves plot (a gain is >= 0 unless a run goes astray)
+
+
 def plot_curves(results: list[RunResult], path: str) -> None:
     """Reward gain over the reference vs fine-tuning step, mean and spread over seeds."""
     import matplotlib
@@ -509,8 +615,9 @@ def plot_curves(results: list[RunResult], path: str) -> None:
     rates = sorted({r.flip_rate for r in results})
     methods = [m for m in METHODS if any(r.method == m for r in results)]
     fig, axes = plt.subplots(1, len(rates), figsize=(3.3 * len(rates), 3.0), sharey=True, squeeze=False)
-    colours = {"dpo": "tab:blue", "robust": "tab:orange", "adaptive": "tab:green"}
+    colours = COLOURS
     for ax, rate in zip(axes[0], rates):
+        off = []
         for method in methods:
             sel = [r for r in results if r.method == method and r.flip_rate == rate]
             if not sel:
@@ -518,11 +625,18 @@ def plot_curves(results: list[RunResult], path: str) -> None:
             steps = np.asarray(sel[0].curve_steps)
             g = np.asarray([r.curve_gain for r in sel])
             mu = g.mean(0)
+            n_off = int((g.min(1) < GAIN_FLOOR).sum())
+            if n_off:
+                off.append(f"{method}: {n_off}/{len(sel)} seeds")
             ax.plot(steps, mu, color=colours[method], label=method)
             if len(sel) > 1:
                 sd = g.std(0, ddof=1)
                 ax.fill_between(steps, mu - sd, mu + sd, color=colours[method], alpha=0.2)
         ax.set_title(f"{rate:.0%} labels flipped", fontsize=10)
+        ax.set_ylim(bottom=GAIN_FLOOR, top=min(ax.get_ylim()[1], 3.0))  # diverged runs would flatten the rest
+        if off:
+            ax.text(0.03, 0.03, "below the axis:\n" + "\n".join(off), transform=ax.transAxes, fontsize=7,
+                    va="bottom")
         ax.set_xlabel("fine-tuning step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("reward gain over reference")
@@ -535,7 +649,7 @@ def plot_curves(results: list[RunResult], path: str) -> None:
 def write_report(results: list[RunResult], s: Settings, out_dir: str, seconds: float, argv) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     rows = [r.row() for r in results]
-    summary = summarise(results, s)
+    summary = summarise(results, s, unet_flops(sorted({r.method for r in results}), s))
     write_csv(os.path.join(out_dir, "runs.csv"), rows)
     write_csv(os.path.join(out_dir, "summary.csv"), summary)
     table = markdown_table(summary)
@@ -543,6 +657,7 @@ def write_report(results: list[RunResult], s: Settings, out_dir: str, seconds: f
         f.write(table)
     plot_flip_fraction(results, os.path.join(out_dir, "flip_fraction.png"))
     plot_curves(results, os.path.join(out_dir, "reward_curves.png"))
+    plot_gain_vs_compute(summary, os.path.join(out_dir, "gain_vs_compute.png"))
     info = dict(command=" ".join(["python -m adpo_train.experiments.label_flip"] + list(argv)),
                 settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
                 rho_used=s.rho_for(), seconds=round(seconds, 1), machine=platform.platform(),
@@ -556,7 +671,8 @@ def write_report(results: list[RunResult], s: Settings, out_dir: str, seconds: f
 def parse_args(argv: Optional[list[str]]) -> tuple[Settings, str, list[str]]:
     p = argparse.ArgumentParser(
         prog="adpo-train experiment label-flip",
-        description="Label-flip robustness and minority detection of DPO / robust-DPO / Adaptive-DPO "
+        description="Label-flip robustness, minority detection and cost of DPO / robust-DPO / Adaptive-DPO "
+                    "(K = 2, 1, 0 annotators) "
                     "on a 2-D toy diffusion problem with a known reward (see docs/method-study.md).")
     p.add_argument("--quick", action="store_true", help="the CI preset: 1 seed, 300 steps (about a minute)")
     p.add_argument("--out", default=None, help="output folder (default outputs/label_flip[_quick])")
@@ -568,6 +684,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[Settings, str, list[str]]:
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (AdamW)")
     p.add_argument("--beta", type=float, help="DPO beta (this package's convention, loss = -log sigmoid(beta z))")
     p.add_argument("--rho", type=float, help="metric rho (default 15 * sqrt(batch / 16))")
+    p.add_argument("--rho0", type=float, help="adaptive-k0's rho (default: per seed from the clean DPO run)")
     p.add_argument("--bt-temp", type=float, help="Bradley-Terry labels with this temperature (default: "
                                                     "deterministic labels)")
     p.add_argument("--n-pairs", type=int, help="size of the preference data set")
@@ -580,7 +697,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[Settings, str, list[str]]:
     for name, key in (("seeds", "seeds"), ("flip_rates", "flip_rates"), ("methods", "methods")):
         if getattr(a, name) is not None:
             kw[key] = tuple(getattr(a, name))
-    for name in ("steps", "batch", "lr", "beta", "rho", "bt_temp", "n_pairs", "pretrain_steps", "threads"):
+    for name in ("steps", "batch", "lr", "beta", "rho", "rho0", "bt_temp", "n_pairs", "pretrain_steps", "threads"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
     if a.no_shadow_metric:
@@ -597,7 +714,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = write_report(results, s, out_dir, time.perf_counter() - t0, args)
     print()
     print(report["table"])
-    print(f"wrote {out_dir}/{{runs.csv,summary.csv,table.md,flip_fraction.png,reward_curves.png,run_info.json}}"
+    print(f"wrote {out_dir}/{{runs.csv,summary.csv,table.md,flip_fraction.png,reward_curves.png,"
+          f"gain_vs_compute.png,run_info.json}}"
           f" in {report['info']['seconds']:.0f}s")
     return 0
 
