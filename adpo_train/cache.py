@@ -7,20 +7,23 @@ concatenated), ``flipped`` ``(n,)`` and ``row`` ``(n,)`` (row in the source tabl
 models (a ``text_encoder_2`` folder) add ``pooled`` ``(n, P)`` (the second encoder's
 projected embedding) and ``time_ids`` ``(n, 2, 6)`` (per image: original size, crop
 top-left, target size), plus ``index.json`` (shards, counts of ties and corrupt pairs,
-the flip record, the model, the resolution).  The folder is written under a temporary
-name and renamed when complete.  Training from the cache never runs the VAE or the
-text encoder.
+the flip record, the model, the resolution).  The folder is written under
+``<out>.tmp`` and renamed when complete; it carries a marker file, and an existing
+non-empty folder without it is refused (:mod:`adpo_train.safedir`): the cache never
+replaces what the package did not write.  A dataset with no usable pair (all ties or all
+corrupt) is an error.  Training from the cache never runs the VAE or the text encoder.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import torch
 
+from . import safedir
 from .data import CACHE_INDEX, PickAPicPairs, decode_image
+from .errors import UserError
 
 
 @torch.no_grad()
@@ -43,17 +46,16 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
                 variant=None, log=print) -> dict:
     from safetensors.torch import save_file
 
-    from .models import load_text_encoders, load_vae, time_ids
+    from .models import encoder_fingerprint, load_text_encoders, load_vae, time_ids
 
+    safedir.check_replaceable(out_dir, "--latent_cache")  # refuse before any slow loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     store_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     vae = load_vae(model_path, variant).to(device)
     encoders = load_text_encoders(model_path, variant).to(device)
     pairs = PickAPicPairs(dataset_path, split, flip_ratio, flip_seed, max_pairs)
     gen = torch.Generator(device=device).manual_seed(seed)
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = safedir.begin(out_dir, "--latent_cache", "latent cache")
     shards, buf, num_corrupt, t0 = [], [], 0, time.time()
     kept_rows, kept_flipped = [], []
 
@@ -105,7 +107,14 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
         meta_acc.extend((b[2], b[3]) for b in buf)
         kept_rows.extend(b[2] for b in buf), kept_flipped.extend(b[3] for b in buf)
     write_shard()
+    if not shards:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)  # ours (begin() made it): leave no half-built folder
+        raise UserError(f"--dataset_name: no usable pair in {dataset_path!r} ({pairs.num_rows} rows: "
+                        f"{pairs.num_ties} ties, {num_corrupt} pairs with an undecodable image)")
     meta = {"format": "adpo-train latent cache v1", "model": os.path.abspath(model_path),
+            "model_fingerprint": encoder_fingerprint(model_path),
             "dataset": os.path.abspath(dataset_path), "split": split, "resolution": resolution,
             "scaling_factor": float(vae.config.scaling_factor), "dtype": dtype, "seed": seed,
             "num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": num_corrupt,
@@ -115,9 +124,7 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
             "flipped_rows": [r for r, f in zip(kept_rows, kept_flipped) if f]}
     with open(os.path.join(tmp, CACHE_INDEX), "w") as f:
         json.dump(meta, f)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    safedir.commit(tmp, out_dir)
     log(f"cache: {meta['num_pairs']} pairs in {len(shards)} shard(s) at {out_dir} "
         f"({pairs.num_ties} ties dropped, {num_corrupt} corrupt pairs skipped, "
         f"{len(meta['flipped_pairs'])} flipped) in {time.time() - t0:.1f}s")

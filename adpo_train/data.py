@@ -22,6 +22,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from .errors import MissingInput, UserError
+
 REQUIRED_COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
 
 
@@ -53,7 +55,7 @@ def open_table(path: str, split: str = "train"):
     import pyarrow as pa
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--dataset_name: {path!r} does not exist (local parquet/arrow files or a "
+        raise MissingInput(f"--dataset_name: {path!r} does not exist (local parquet/arrow files or a "
                                 f"datasets.save_to_disk folder are expected; nothing is downloaded)")
     if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
                                    for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
@@ -62,7 +64,7 @@ def open_table(path: str, split: str = "train"):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise KeyError(f"--dataset_split_name: {split!r} not in {list(ds)}")
+                raise UserError(f"--dataset_split_name: {split!r} not in {list(ds)}")
             ds = ds[split]
         if getattr(ds, "_indices", None) is not None:
             ds = ds.flatten_indices()
@@ -70,11 +72,11 @@ def open_table(path: str, split: str = "train"):
     else:
         files = _arrow_files(path, split)
         if not files:
-            raise FileNotFoundError(f"--dataset_name: no .parquet or .arrow files under {path!r}")
+            raise MissingInput(f"--dataset_name: no .parquet or .arrow files under {path!r}")
         table = pa.concat_tables([_read_arrow(f) for f in files])
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"dataset {path!r}: missing Pick-a-Pic columns {missing} (has {table.column_names})")
+        raise UserError(f"--dataset_name {path!r}: missing Pick-a-Pic columns {missing} (has {table.column_names})")
     return table
 
 
@@ -136,7 +138,7 @@ class PickAPicPairs:
             self.rows = self.rows[:max_pairs]
         self.first_wins = labels[self.rows] > 0.5
         if not 0.0 <= flip_ratio <= 1.0:
-            raise ValueError(f"--flip_ratio: expected a number in [0, 1], got {flip_ratio}")
+            raise UserError(f"--flip_ratio: expected a number in [0, 1], got {flip_ratio}")
         self.flipped = np.zeros(len(self.rows), dtype=bool)
         n_flip = int(round(flip_ratio * len(self.rows)))
         if n_flip:
@@ -224,7 +226,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
     def __init__(self, cache_dir: str):
         path = os.path.join(cache_dir, CACHE_INDEX)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--latent_cache: {cache_dir!r} has no {CACHE_INDEX} (build it with "
+            raise MissingInput(f"--latent_cache: {cache_dir!r} has no {CACHE_INDEX} (build it with "
                                     f"`adpo-train cache`)")
         with open(path) as f:
             self.meta = json.load(f)
@@ -287,7 +289,8 @@ class PairBatchSampler(torch.utils.data.Sampler):
                  world: int = 1):
         self.n, self.bs, self.seed, self.shuffle, self.rank, self.world = num_pairs, batch_size, seed, shuffle, rank, world
         if self.num_batches() == 0:
-            raise ValueError(f"{num_pairs} pairs are fewer than one batch of {batch_size * world}")
+            raise UserError(f"{num_pairs} usable pairs are fewer than one batch of {batch_size * world} "
+                            f"(--train_batch_size {batch_size} x {world} processes): nothing to train on")
         self.epoch, self.start = 0, 0
 
     def num_batches(self) -> int:

@@ -15,8 +15,10 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def check_local_model(path: str) -> str:
+    from .errors import MissingInput
+
     if not os.path.isdir(path) or not os.path.isdir(os.path.join(path, "unet")):
-        raise FileNotFoundError(
+        raise MissingInput(
             f"--pretrained_model_name_or_path: expected a local diffusers-format folder with unet/, vae/, "
             f"text_encoder/, tokenizer/ and scheduler/ subfolders, got {path!r}. This trainer never downloads; "
             f"fetch the model first (e.g. `huggingface-cli download <repo> --local-dir DIR`).")
@@ -94,15 +96,54 @@ def load_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_lora_diffusers(unet, out_dir: str) -> str:
-    """Write ``pytorch_lora_weights.safetensors`` loadable by ``StableDiffusionPipeline.load_lora_weights``."""
+    """Write ``pytorch_lora_weights.safetensors`` loadable by ``StableDiffusionPipeline.load_lora_weights``
+    (or the SDXL pipeline's), with the adapter's ``lora_alpha``: the loaded LoRA adds
+    ``(alpha / r) * B @ A`` to each weight, as in training.
+
+    diffusers reads alpha from the adapter metadata stored in the safetensors header
+    (``unet_lora_adapter_metadata``, diffusers >= 0.35).  Where ``save_lora_weights`` has no such
+    argument the scale ``alpha / r`` is folded into ``B`` instead, which every loader reads as
+    alpha = r: the same weights either way.
+    """
+    import inspect
+
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = {k: v.detach().float().cpu().contiguous()
+             for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)).items()}
+    config = unet.peft_config["default"]
+    kw = {}
+    if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionLoraLoaderMixin.save_lora_weights).parameters:
+        kw["unet_lora_adapter_metadata"] = config.to_dict()
+    elif config.lora_alpha != config.r:
+        scale = config.lora_alpha / config.r
+        state = {k: v * scale if "lora_B" in k or "lora.up" in k else v for k, v in state.items()}
     StableDiffusionLoraLoaderMixin.save_lora_weights(out_dir, unet_lora_layers=state, safe_serialization=True,
-                                                     weight_name=LORA_WEIGHT_NAME)
+                                                     weight_name=LORA_WEIGHT_NAME, **kw)
     return os.path.join(out_dir, LORA_WEIGHT_NAME)
+
+
+def encoder_fingerprint(path: str) -> str:
+    """A short hash of the VAE and text encoder(s) of a model folder: their configs, weight file names
+    and sizes, and each weight file's first 64 KiB (the safetensors header and the first tensors).
+    A latent cache records it; training checks it against the model it is given."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for sub in ("vae", "text_encoder", "text_encoder_2"):
+        folder = os.path.join(path, sub)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            full = os.path.join(folder, name)
+            if not os.path.isfile(full):
+                continue
+            h.update(f"{sub}/{name}:{os.path.getsize(full)}".encode())
+            with open(full, "rb") as f:
+                h.update(f.read(1 << 16))
+    return h.hexdigest()[:16]
 
 
 # -- random-init UNets from a named or JSON config (throughput without downloading weights) --------

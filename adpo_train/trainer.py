@@ -10,7 +10,10 @@ One optimisation step, for a micro-batch of B pairs (rows stacked ``[winners; lo
 5. policy prediction with grad, then ``adpo_kernels.adaptive_dpo_loss`` and backward;
 6. after each optimiser step, every EMA annotator takes one update.
 
-Per-step metrics stay on the device and are read once every ``--logging_steps``.
+A step whose loss is not finite changes nothing (:mod:`adpo_train.skip`).  Per-step metrics
+stay on the device and are read once every ``--logging_steps``.  SIGINT/SIGTERM stop the run
+at a step boundary with a checkpoint (:mod:`adpo_train.signals`); user errors are
+:class:`adpo_train.errors.UserError`.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ import torch
 import adpo_kernels as ak
 
 from . import checkpoint as ckpt
+from . import skip
+from .errors import Interrupted, RunCutShort, UserError
+from .signals import StopRequest
 from .annotators import EMAAnnotators, MixedBatchAnnotators
 from .data import (CachedPairDataset, ImagePairDataset, PairBatchSampler, PickAPicPairs, SyntheticPairDataset,
                    collate_cached, collate_images)
@@ -37,9 +43,19 @@ from .step import StepModels, compile_unet, step_inputs
 
 # Device-side metric buffer: one slot per field, summed over optimisation steps between logs.
 FIELDS = ("loss", "implicit_acc", "weight_mean", "metric_mean", "logit_mean", "model_mse", "ref_mse",
-          "grad_norm", "nonfinite", "micro_batches", "flipped_weight_sum", "flipped_count",
+          "grad_norm", "nonfinite", "micro_batches", "skipped_steps", "flipped_weight_sum", "flipped_count",
           "clean_weight_sum", "clean_count")
 F = {name: i for i, name in enumerate(FIELDS)}
+_COUNTERS = torch.tensor([name in ("nonfinite", "micro_batches", "skipped_steps") for name in FIELDS])
+
+
+def _beta_note(args: Namespace, cfg) -> str:
+    """How the effective beta came about (printed and recorded in train_config.json)."""
+    if getattr(args, "beta_dpo", None) is not None:
+        if getattr(args, "sdxl", False):
+            return f"--beta_dpo {args.beta_dpo:g} / 2, as diffusers' train_diffusion_dpo_sdxl.py"
+        return f"--beta_dpo {args.beta_dpo:g}, as diffusers' train_diffusion_dpo.py"
+    return "--beta" if getattr(args, "beta", None) is not None else "default"
 
 
 def _prepare_toy(args: Namespace, log) -> None:
@@ -62,16 +78,29 @@ def _prepare_toy(args: Namespace, log) -> None:
 
 
 def _trackers(args, accelerator, log):
-    import importlib.util
+    """Start the trackers accelerate was given (tensorboard is dropped quietly when not installed)."""
+    if not accelerator.log_with:
+        return False
+    accelerator.init_trackers(args.tracker_name, config={k: v for k, v in vars(args).items()
+                                                         if isinstance(v, (int, float, str, bool))})
+    return True
 
-    if args.report_to in ("tensorboard", "all"):
-        if importlib.util.find_spec("tensorboard") is None:
-            log("note: tensorboard is not installed; metrics go to metrics.jsonl only")
-            return False
-        accelerator.init_trackers("adpo-train", config={k: v for k, v in vars(args).items()
-                                                        if isinstance(v, (int, float, str, bool))})
-        return True
-    return False
+
+def _check_cache_model(args, meta: dict, log) -> None:
+    """A latent cache only fits the VAE and text encoder(s) it was built with."""
+    from .models import encoder_fingerprint
+
+    if not args.pretrained_model_name_or_path:
+        return
+    want = encoder_fingerprint(args.pretrained_model_name_or_path)
+    have = meta.get("model_fingerprint")
+    if have is None or have == want:
+        return
+    msg = (f"--latent_cache {args.latent_cache!r} was built with {meta.get('model')!r}, whose VAE/text encoder "
+           f"differ from --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}")
+    if not args.allow_cache_model_mismatch:
+        raise UserError(msg + "; rebuild the cache, or pass --allow_cache_model_mismatch")
+    log("warning: " + msg)
 
 
 def _dev(device: torch.device) -> str:
@@ -95,25 +124,33 @@ def train(args: Namespace) -> dict:
     quiet_libraries()
     threads = torch.get_num_threads()
     try:
-        return _train(args)
+        with StopRequest() as stop:
+            return _train(args, stop)
     finally:
         torch.set_num_threads(threads)  # --cpu_threads must not leak into a caller's process
 
 
-def _train(args: Namespace) -> dict:
+def _train(args: Namespace, stop: StopRequest) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from safetensors.torch import load_file, save_file
 
+    resuming = bool(args.resume_from_checkpoint) and (
+        args.resume_from_checkpoint != "latest" or bool(ckpt.list_checkpoints(args.output_dir)))
+    ckpt.check_output_dir(args.output_dir, resuming, bool(args.overwrite_output_dir), args.logging_dir)
     os.makedirs(args.output_dir, exist_ok=True)
+    from .compat import trackers
+
+    log_with = trackers(args.report_to)
     # cpu=True without a visible GPU: under torchrun that is what makes accelerate set up DDP over gloo
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision,
-                              log_with="tensorboard" if args.report_to in ("tensorboard", "all") else None,
+                              log_with=log_with or None,
                               project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                                                  logging_dir=os.path.join(args.output_dir, "logs")))
+                                                                  logging_dir=os.path.join(args.output_dir,
+                                                                                           args.logging_dir)))
     main_proc = accelerator.is_main_process
     if accelerator.device.type == "cpu" and getattr(args, "cpu_threads", None):
         torch.set_num_threads(args.cpu_threads)
@@ -184,6 +221,7 @@ def _train(args: Namespace) -> dict:
         ss = unet.config.sample_size
         dataset = SyntheticPairDataset(args.synthetic_pairs, (unet.config.in_channels, ss, ss), (tokens, width),
                                        pooled, resolution=ss * 8, seed=args.seed)
+        args.resolution = ss * 8
         collate, meta = collate_cached, dataset.meta
         flip_record = None
         data_stats = {k: meta[k] for k in ("num_rows", "num_ties", "num_corrupt", "num_pairs")}
@@ -193,6 +231,8 @@ def _train(args: Namespace) -> dict:
         dataset = CachedPairDataset(args.latent_cache)
         collate = collate_cached
         meta = dataset.meta
+        _check_cache_model(args, meta, log)
+        args.resolution = meta.get("resolution", args.resolution)  # what the latents were made at
         flip_record = {k: meta[k] for k in ("flip_ratio", "flip_seed", "flipped_pairs", "flipped_rows")}
         data_stats = {k: meta[k] for k in ("num_rows", "num_ties", "num_corrupt", "num_pairs")}
     else:
@@ -257,6 +297,7 @@ def _train(args: Namespace) -> dict:
                           os.path.join(output_dir, "unet.safetensors"))
             else:
                 save_file(lora_state_dict(m), os.path.join(output_dir, "lora.safetensors"))
+                save_lora_diffusers(m, output_dir)  # the checkpoint loads into a pipeline as it is
         while weights:
             weights.pop()
 
@@ -287,7 +328,7 @@ def _train(args: Namespace) -> dict:
     vae_gen = torch.Generator(device=device).manual_seed(args.seed * 7919 + 104729 * (rank + 1))
     buf = torch.zeros(len(FIELDS), dtype=torch.float64, device=device)
     global_step, epoch, batch_in_epoch = 0, 0, 0
-    num_corrupt_seen = 0
+    num_corrupt_seen, skipped_total = 0, 0
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     pairs_path = os.path.join(args.output_dir, "pairs.jsonl")
 
@@ -311,6 +352,7 @@ def _train(args: Namespace) -> dict:
         buf.copy_(rng["metrics"])
         global_step, epoch, batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
         num_corrupt_seen = state.get("num_corrupt_seen", 0)
+        skipped_total = state.get("skipped_steps_total", 0)
         resumed_steps_since_log = state.get("steps_since_log", 0)
         log(f"resumed from {resume} at step {global_step} (epoch {epoch}, batch {batch_in_epoch})")
         for path in (metrics_path, pairs_path):
@@ -325,12 +367,13 @@ def _train(args: Namespace) -> dict:
                 os.remove(path)
     use_tb = _trackers(args, accelerator, log)
     with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:
-        json.dump({"args": {k: v for k, v in vars(args).items() if k != "loss_config"},
+        json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("loss_config", "vae_override")},
+                   "beta": cfg.beta, "beta_convention": _beta_note(args, cfg),
                    "loss_config": dataclasses.asdict(cfg), "data": data_stats,
                    "lora_parameters": sum(p.numel() for p in lora_params)}, f, indent=1, default=str)
     log(f"adpo-train: {len(dataset)} pairs, {batches_per_epoch} batches/epoch of {args.train_batch_size} pairs, "
         f"{args.max_train_steps} steps, {'Adaptive-DPO' if cfg.adaptive else 'Diffusion-DPO'} "
-        f"beta={cfg.beta:g}, {len(args.ema_decays)} EMA annotator(s), "
+        f"beta={cfg.beta:g} ({_beta_note(args, cfg)}), {len(args.ema_decays)} EMA annotator(s), "
         + ("full fine-tune" if args.full_finetune else f"LoRA r={args.rank}")
         + f" ({sum(p.numel() for p in lora_params):,} params), {scheduler.config.prediction_type}, device {device}"
         + (f" x {world} processes" if world > 1 else ""))
@@ -348,6 +391,7 @@ def _train(args: Namespace) -> dict:
         tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
         state = {"global_step": step, "epoch": position[0], "batch_in_epoch": position[1],
                  "num_corrupt_seen": num_corrupt_seen, "steps_since_log": steps_since_log,
+                 "skipped_steps_total": skipped_total,
                  "world_size": accelerator.num_processes,
                  "ema": annotators.state_meta() if annotators is not None else None}
 
@@ -371,6 +415,23 @@ def _train(args: Namespace) -> dict:
         path = ckpt.finish(args.output_dir, step, state, args.checkpoints_total_limit) if main_proc else tmp
         accelerator.wait_for_everyone()
         return path
+
+    validator = None
+    if args.run_validation and main_proc:
+        from .validation import Validator
+
+        validator = Validator(args, base_unet, device, weight_dtype, lambda: accelerator.trackers)
+
+    def interrupted(signum: int) -> Interrupted:
+        path = ckpt.list_checkpoints(args.output_dir)
+        path = path[-1][1] if path and path[-1][0] == global_step else None
+        if path is None and global_step > 0:
+            path = write_checkpoint(global_step, (epoch, batch_in_epoch))
+        if progress is not None:
+            progress.close()
+        accelerator.end_training()
+        return Interrupted(signum, global_step, path, "Resume with the same command plus "
+                           "--resume_from_checkpoint latest.")
 
     # -- the loop -------------------------------------------------------------------------
     progress = None
@@ -399,12 +460,16 @@ def _train(args: Namespace) -> dict:
                 nonfinite |= out.nonfinite
                 grad_norm = None
                 if accelerator.sync_gradients:
-                    for p in lora_params:
-                        if p.grad is not None:
-                            p.grad.masked_fill_(nonfinite, 0.0)  # skip the step's update without a host sync
                     if args.max_grad_norm and args.max_grad_norm > 0:
                         grad_norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
-                optimizer.step()
+                    if world > 1:  # the all-reduced gradients decide, identically on every rank
+                        norm = grad_norm if grad_norm is not None else torch.linalg.vector_norm(torch.stack(
+                            [torch.linalg.vector_norm(p.grad) for p in lora_params if p.grad is not None]))
+                        nonfinite |= ~torch.isfinite(norm)
+                    skip.optimizer_step(optimizer, nonfinite)
+                    buf[F["skipped_steps"]] += nonfinite.double()
+                else:
+                    optimizer.step()  # accelerate makes this a no-op while accumulating
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -417,9 +482,11 @@ def _train(args: Namespace) -> dict:
                                        (grad_norm.double() if isinstance(grad_norm, torch.Tensor)
                                         else torch.zeros((), dtype=torch.float64, device=device)),
                                        out.nonfinite.double(), torch.ones((), dtype=torch.float64, device=device),
+                                       torch.zeros((), dtype=torch.float64, device=device),
                                        (w * fl).sum().double(), fl.sum().double(),
                                        (w * ~fl).sum().double(), (~fl).sum().double()])
-                    buf += row
+                    # a non-finite micro-batch adds only to its counters (the averages stay finite)
+                    buf += torch.where(out.nonfinite & ~_COUNTERS.to(device), 0.0, row)
                     if args.dump_pairs:
                         pair_rows.append(torch.stack([torch.full_like(out.logits, global_step + 1),
                                                       batch["index"].to(device, out.logits.dtype), out.logits,
@@ -427,25 +494,35 @@ def _train(args: Namespace) -> dict:
 
             if not accelerator.sync_gradients:
                 continue
-            nonfinite.zero_()
             if annotators is not None:
-                annotators.step()
+                skip.ema_step(annotators, nonfinite)
+            nonfinite.zero_()
             global_step += 1
             steps_since_log += 1
+            synced = False
             if progress is not None:
                 progress.update(1)
             if global_step % args.logging_steps == 0 or global_step >= args.max_train_steps:
                 # the one host sync per logging interval; with several processes, sums over all of them
                 vals = (accelerator.reduce(buf.clone(), "sum") if world > 1 else buf).tolist()
+                synced = True
                 buf.zero_()
-                n = max(vals[F["micro_batches"]], 1.0)
+                skipped = round(vals[F["skipped_steps"]] / world)  # the same on every rank
+                skip.rewind(skipped, lr_scheduler, annotators, accelerator.num_processes)
+                skipped_total += skipped
+                steps_since_log -= skipped
+                global_step -= skipped
+                if progress is not None and skipped:
+                    progress.update(-skipped)
+                n = max(vals[F["micro_batches"]] - vals[F["nonfinite"]], 1.0)
                 elapsed = time.time() - t_log
                 rec = {"step": global_step, "epoch": epoch, "loss": vals[F["loss"]] / n,
                        "implicit_acc": vals[F["implicit_acc"]] / n, "weight_mean": vals[F["weight_mean"]] / n,
                        "metric_mean": vals[F["metric_mean"]] / n, "logit_mean": vals[F["logit_mean"]] / n,
                        "model_mse": vals[F["model_mse"]] / n, "ref_mse": vals[F["ref_mse"]] / n,
-                       "grad_norm": vals[F["grad_norm"]] / max(steps_since_log, 1) / world,  # same on every rank
-                       "nonfinite_micro_batches": int(vals[F["nonfinite"]]), "lr": lr_scheduler.get_last_lr()[0],
+                       "grad_norm": vals[F["grad_norm"]] / max(steps_since_log + skipped, 1) / world,
+                       "nonfinite_micro_batches": int(vals[F["nonfinite"]]), "skipped_steps": skipped,
+                       "skipped_steps_total": skipped_total, "lr": lr_scheduler.get_last_lr()[0],
                        "annotators_ready": ready, "corrupt_pairs_seen": num_corrupt_seen,
                        "steps_per_s": steps_since_log / max(elapsed, 1e-9)}
                 if vals[F["flipped_count"]] > 0:
@@ -461,11 +538,22 @@ def _train(args: Namespace) -> dict:
                     if progress is not None:
                         progress.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['implicit_acc']:.3f}",
                                              w=f"{rec['weight_mean']:.3f}")
-            stop = args.stop_after_steps is not None and global_step >= args.stop_after_steps
-            if (global_step % args.checkpointing_steps == 0 or stop) and global_step < args.max_train_steps:
+                if world > 1:  # a signal may reach one rank only: agree at the sync
+                    sig = accelerator.reduce(torch.tensor([float(stop.signum or 0)], device=device), "sum")
+                    if sig.item() > 0 and stop.signum is None:
+                        import signal
+
+                        stop.signum = signal.SIGTERM
+            if validator is not None and global_step % args.validation_steps == 0:
+                log(f"\nvalidation images: {validator.run(global_step)}")
+            stop_signal = stop.signum if world == 1 or synced else None
+            stop_early = args.stop_after_steps is not None and global_step >= args.stop_after_steps
+            if global_step % args.checkpointing_steps == 0 or stop_early or global_step >= args.max_train_steps:
                 path = write_checkpoint(global_step, (epoch, batch_in_epoch))
                 log(f"\ncheckpoint: {path}" if progress is not None else f"checkpoint: {path}")
-            if stop:
+            if stop_signal:
+                raise interrupted(stop_signal)
+            if stop_early:
                 if progress is not None:
                     progress.close()
                 log(f"stopped after {global_step} steps (--stop_after_steps); resume with "
@@ -513,5 +601,11 @@ def _train(args: Namespace) -> dict:
             log(f"  flipped pairs:           {os.path.join(args.output_dir, 'flipped_pairs.json')}")
         if args.dump_pairs:
             log(f"  per-pair dump:           {pairs_path}")
+        if validator is not None:
+            log(f"  validation images:       {validator.run(global_step, final=True)}")
     accelerator.end_training()
+    if global_step < args.max_train_steps:
+        raise RunCutShort(f"the run ended at step {global_step} of --max_train_steps {args.max_train_steps}: the "
+                          f"data ran out ({num_corrupt_seen} corrupt pairs dropped, {skipped_total} non-finite "
+                          f"steps skipped); outputs are written. Use more data or fewer steps.")
     return result
