@@ -22,7 +22,7 @@ import time
 import torch
 
 from . import safedir
-from .data import CACHE_INDEX, PickAPicPairs, decode_image
+from .data import CACHE_INDEX, PickAPicPairs, decode_image, pair_augmentation
 from .errors import UserError
 
 
@@ -32,18 +32,21 @@ def encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``(n, 2, 3, R, R)`` pixels -> ``(n, 2, C, h, w)`` scaled latent samples."""
+def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator, chunk: int | None = None) -> torch.Tensor:
+    """``(n, 2, 3, R, R)`` pixels -> ``(n, 2, C, h, w)`` scaled latent samples, ``chunk`` images per VAE
+    call (``--vae_encode_batch_size``)."""
     n = pixels.shape[0]
     flat = pixels.reshape(n * 2, *pixels.shape[2:]).to(vae.device, vae.dtype)
-    lat = vae.encode(flat).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+    chunk = chunk or flat.shape[0]
+    lat = torch.cat([vae.encode(flat[i:i + chunk]).latent_dist.sample(generator=generator)
+                     for i in range(0, flat.shape[0], chunk)]) * vae.config.scaling_factor
     return lat.reshape(n, 2, *lat.shape[1:])
 
 
 def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str = "train", resolution: int = 512,
                 batch_size: int = 8, shard_size: int = 1024, flip_ratio: float = 0.0, flip_seed: int = 0,
                 max_pairs=None, seed: int = 0, dtype: str = "float32", device: str | None = None,
-                variant=None, log=print) -> dict:
+                variant=None, log=print, hflip: bool = False, random_crop: bool = False, vae_path=None) -> dict:
     from safetensors.torch import save_file
 
     from .models import encoder_fingerprint, load_text_encoders, load_vae, time_ids
@@ -51,7 +54,7 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
     safedir.check_replaceable(out_dir, "--latent_cache")  # refuse before any slow loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     store_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    vae = load_vae(model_path, variant).to(device)
+    vae = load_vae(model_path, variant, vae_path).to(device)
     encoders = load_text_encoders(model_path, variant).to(device)
     pairs = PickAPicPairs(dataset_path, split, flip_ratio, flip_seed, max_pairs)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -86,7 +89,8 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
 
     for i in range(len(pairs)):
         r = pairs.raw(i)
-        (w, wm), (l, lm) = (decode_image(r[k], resolution, with_meta=True) for k in ("winner", "loser"))
+        aug = pair_augmentation(seed, i, hflip, random_crop)  # one view per pair, fixed at cache time
+        (w, wm), (l, lm) = (decode_image(r[k], resolution, with_meta=True, **aug) for k in ("winner", "loser"))
         if w is None or l is None:
             num_corrupt += 1
             continue
@@ -114,12 +118,12 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
         raise UserError(f"--dataset_name: no usable pair in {dataset_path!r} ({pairs.num_rows} rows: "
                         f"{pairs.num_ties} ties, {num_corrupt} pairs with an undecodable image)")
     meta = {"format": "adpo-train latent cache v1", "model": os.path.abspath(model_path),
-            "model_fingerprint": encoder_fingerprint(model_path),
+            "model_fingerprint": encoder_fingerprint(model_path, vae_path),
             "dataset": os.path.abspath(dataset_path), "split": split, "resolution": resolution,
             "scaling_factor": float(vae.config.scaling_factor), "dtype": dtype, "seed": seed,
             "num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": num_corrupt,
             "num_pairs": sum(s["num_pairs"] for s in shards), "shards": shards, "sdxl": encoders.sdxl,
-            "flip_ratio": flip_ratio, "flip_seed": flip_seed,
+            "flip_ratio": flip_ratio, "flip_seed": flip_seed, "hflip": hflip, "random_crop": random_crop,
             "flipped_pairs": [k for k, f in enumerate(kept_flipped) if f],
             "flipped_rows": [r for r, f in zip(kept_rows, kept_flipped) if f]}
     with open(os.path.join(tmp, CACHE_INDEX), "w") as f:

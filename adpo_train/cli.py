@@ -35,6 +35,7 @@ DEFAULTS = dict(
     rank=8, lora_alpha=None, lora_target_modules="to_q,to_k,to_v,to_out.0", lora_init="gaussian",
     mixed_precision="no", gradient_checkpointing=False, checkpointing_steps=500, checkpoints_total_limit=None,
     output_dir="outputs/adpo-train", seed=0, report_to="tensorboard", logging_steps=10, overwrite_output_dir=False,
+    no_hflip=False, random_crop=False, lr_num_cycles=1, lr_power=1.0,
     ema_decays=[0.9999, 0.5], ema_warmup_steps=2, flip_ratio=0.0, flip_seed=0,
 )
 # The built-in toy (no --pretrained_model_name_or_path): ~1.5 minutes on a 2-core CPU, toy build included.
@@ -44,6 +45,7 @@ TOY_DEFAULTS = dict(
     resolution=16, train_batch_size=8, max_train_steps=150, learning_rate=1e-3, rank=4,
     checkpointing_steps=75, checkpoints_total_limit=1, output_dir="outputs/adpo-toy", logging_steps=5,
     flip_ratio=0.2, report_to="jsonl", ema_decays=[0.99, 0.5], cpu_threads=1,
+    no_hflip=True,  # the toy's pre-training and defaults were tuned on unflipped images
     overwrite_output_dir=True,  # the demo's own folder (outputs/adpo-toy): a second demo run replaces the first
 )
 # The toy's loss: the paper's metric settings with a beta fitted to the toy's logit scale.
@@ -88,6 +90,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_train_samples", type=int, help="use only the first N kept pairs")
     g.add_argument("--resolution", type=int)
     g.add_argument("--vae_encode_batch_size", type=int, default=8, help="images per VAE encode call")
+    g.add_argument("--no_hflip", action="store_true", default=None, help="no random horizontal flip (diffusers "
+                   "flips winner and loser together by default; a latent cache stores one view per pair)")
+    g.add_argument("--random_crop", action="store_true", default=None,
+                   help="random instead of centre crop (same crop for both images of a pair)")
     g.add_argument("--flip_ratio", type=float, help="inject label flips into this fraction of the pairs "
                    "(recorded in OUTPUT_DIR/flipped_pairs.json)")
     g.add_argument("--flip_seed", type=int)
@@ -121,6 +127,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_scheduler", choices=["linear", "cosine", "cosine_with_restarts", "polynomial",
                                               "constant", "constant_with_warmup"])
     g.add_argument("--lr_warmup_steps", type=int)
+    g.add_argument("--lr_num_cycles", type=int, help="hard restarts of cosine_with_restarts (default 1)")
+    g.add_argument("--lr_power", type=float, help="power of the polynomial schedule (default 1.0)")
     g.add_argument("--adam_beta1", type=float)
     g.add_argument("--adam_beta2", type=float)
     g.add_argument("--adam_weight_decay", type=float)
@@ -220,6 +228,10 @@ def build_cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the VAE latent sampling")
     p.add_argument("--cache_dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--device")
+    p.add_argument("--pretrained_vae_model_name_or_path", help="a local AutoencoderKL folder instead of vae/")
+    p.add_argument("--no_hflip", action="store_true", help="no horizontal flip (default: a seeded flip of half "
+                   "the pairs, winner and loser together, as diffusers' scripts)")
+    p.add_argument("--random_crop", action="store_true")
     return p
 
 
@@ -228,6 +240,16 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     import adpo_kernels as ak
 
     compat.check(args)
+    from .models import locate_model
+
+    if args.pretrained_model_name_or_path:
+        args.pretrained_model_name_or_path = locate_model(args.pretrained_model_name_or_path, args.revision,
+                                                          args.cache_dir)
+    elif args.revision:
+        raise UserError("--revision needs --pretrained_model_name_or_path (a hub repo id in the local cache)")
+    if args.pretrained_vae_model_name_or_path:
+        args.pretrained_vae_model_name_or_path = locate_model(args.pretrained_vae_model_name_or_path, None,
+                                                              args.cache_dir, "--pretrained_vae_model_name_or_path")
     args.toy = args.pretrained_model_name_or_path is None and args.unet_config is None
     if args.unet_config and not (args.dataset_name or args.latent_cache) and args.synthetic_pairs is None:
         args.synthetic_pairs = 256
@@ -330,7 +352,8 @@ def _main(argv: list) -> int:
         build_cache(a.pretrained_model_name_or_path, a.dataset_name, a.latent_cache, split=a.dataset_split_name,
                     resolution=a.resolution, batch_size=a.batch_size, shard_size=a.shard_size,
                     flip_ratio=a.flip_ratio, flip_seed=a.flip_seed, max_pairs=a.max_train_samples, seed=a.seed,
-                    dtype=a.cache_dtype, device=a.device, variant=a.variant)
+                    dtype=a.cache_dtype, device=a.device, variant=a.variant, hflip=not a.no_hflip,
+                    random_crop=a.random_crop, vae_path=a.pretrained_vae_model_name_or_path)
         return 0
     if cmd == "make-toy":
         import os

@@ -92,11 +92,24 @@ def _image_bytes(value) -> Optional[bytes]:
     return None
 
 
-def decode_image(value, resolution: int, with_meta: bool = False):
+def pair_augmentation(seed: int, index: int, hflip: bool, random_crop: bool) -> dict:
+    """The crop and flip of pair ``index`` (diffusers' ``--random_crop`` and default horizontal flip, which
+    its scripts apply to winner and loser together): a pure function of ``(seed, index)``, so a run, its
+    resume and a latent cache agree.  ``crop``: fractions of the free room (None: centre crop)."""
+    if not (hflip or random_crop):
+        return {"flip": False, "crop": None}
+    rng = np.random.default_rng([seed, index])
+    crop = (float(rng.random()), float(rng.random()))
+    return {"flip": bool(hflip and rng.random() < 0.5), "crop": crop if random_crop else None}
+
+
+def decode_image(value, resolution: int, with_meta: bool = False, flip: bool = False, crop=None):
     """``(3, R, R)`` float in [-1, 1] (shorter side resized to R, centre crop), or None if undecodable.
 
-    ``with_meta``: ``(pixels, ((orig_h, orig_w), (crop_top, crop_left)))``, the SDXL micro-conditioning
-    of the image (crop offsets in the resized image, as diffusers' SDXL training scripts record them).
+    ``crop``: ``(fx, fy)`` in [0, 1): a crop at that fraction of the free room instead of the centre;
+    ``flip``: mirror left-right after the crop.  ``with_meta``: ``(pixels, ((orig_h, orig_w),
+    (crop_top, crop_left)))``, the SDXL micro-conditioning of the image (crop offsets in the resized
+    image, as diffusers' SDXL training scripts record them).
     """
     from PIL import Image
 
@@ -111,7 +124,11 @@ def decode_image(value, resolution: int, with_meta: bool = False):
             img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
             w, h = img.size
             left, top = (w - resolution) // 2, (h - resolution) // 2
+            if crop is not None:
+                left, top = int(crop[0] * (w - resolution + 1)), int(crop[1] * (h - resolution + 1))
             img = img.crop((left, top, left + resolution, top + resolution))
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
         arr = np.asarray(img, dtype=np.float32)
     except Exception:  # noqa: BLE001 - a corrupt image must never stop training
         return (None, None) if with_meta else None
@@ -176,8 +193,10 @@ class ImagePairDataset(torch.utils.data.Dataset):
     tokenizers' ids and per-image ``time_ids`` ``(2, 6)``).
     """
 
-    def __init__(self, pairs: PickAPicPairs, tokenizer, resolution: int):
+    def __init__(self, pairs: PickAPicPairs, tokenizer, resolution: int, hflip: bool = False,
+                 random_crop: bool = False, seed: int = 0):
         self.pairs, self.tokenizer, self.resolution = pairs, tokenizer, resolution
+        self.hflip, self.random_crop, self.seed = hflip, random_crop, seed
         self.sdxl = bool(getattr(tokenizer, "sdxl", False))
 
     def __len__(self) -> int:
@@ -187,7 +206,8 @@ class ImagePairDataset(torch.utils.data.Dataset):
         from .models import time_ids
 
         r = self.pairs.raw(i)
-        (w, wm), (l, lm) = (decode_image(r[k], self.resolution, with_meta=True) for k in ("winner", "loser"))
+        aug = pair_augmentation(self.seed, i, self.hflip, self.random_crop)
+        (w, wm), (l, lm) = (decode_image(r[k], self.resolution, with_meta=True, **aug) for k in ("winner", "loser"))
         pixels = None if w is None or l is None else torch.stack([w, l])
         if hasattr(self.tokenizer, "tok1"):  # TextEncoders
             item = {k: v[0] for k, v in self.tokenizer.tokenize([r["caption"]]).items()}

@@ -57,9 +57,19 @@ def load_encoders(path: str, variant: Optional[str] = None):
     return vae, text_encoder, tokenizer
 
 
-def load_vae(path: str, variant: Optional[str] = None):
+def load_vae(path: str, variant: Optional[str] = None, vae_path: Optional[str] = None):
+    """The model folder's ``vae/``, or ``vae_path`` (``--pretrained_vae_model_name_or_path``: an
+    ``AutoencoderKL`` folder of its own, as diffusers' SDXL script loads it)."""
     from diffusers import AutoencoderKL
 
+    if vae_path:
+        from .errors import MissingInput
+
+        if not os.path.isfile(os.path.join(vae_path, "config.json")):
+            raise MissingInput(f"--pretrained_vae_model_name_or_path: {vae_path!r} is not a local AutoencoderKL "
+                               f"folder (config.json + weights); nothing is downloaded")
+        vae = AutoencoderKL.from_pretrained(vae_path, variant=variant, local_files_only=True)
+        return vae.requires_grad_(False).eval()
     vae = AutoencoderKL.from_pretrained(check_local_model(path), subfolder="vae", variant=variant,
                                         local_files_only=True, use_safetensors=True)
     return vae.requires_grad_(False).eval()
@@ -125,7 +135,7 @@ def save_lora_diffusers(unet, out_dir: str) -> str:
     return os.path.join(out_dir, LORA_WEIGHT_NAME)
 
 
-def encoder_fingerprint(path: str) -> str:
+def encoder_fingerprint(path: str, vae_path: Optional[str] = None) -> str:
     """A short hash of the VAE and text encoder(s) of a model folder: their configs, weight file names
     and sizes, and each weight file's first 64 KiB (the safetensors header and the first tensors).
     A latent cache records it; training checks it against the model it is given."""
@@ -133,7 +143,7 @@ def encoder_fingerprint(path: str) -> str:
 
     h = hashlib.sha256()
     for sub in ("vae", "text_encoder", "text_encoder_2"):
-        folder = os.path.join(path, sub)
+        folder = vae_path if sub == "vae" and vae_path else os.path.join(path, sub)
         if not os.path.isdir(folder):
             continue
         for name in sorted(os.listdir(folder)):
@@ -212,6 +222,29 @@ def text_shape(spec_or_unet) -> tuple[int, int, Optional[int]]:
     if cfg.get("addition_embed_type") == "text_time":
         pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
     return 77, cfg["cross_attention_dim"], pooled
+
+
+def locate_model(name: str, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                 flag: str = "--pretrained_model_name_or_path") -> str:
+    """A local folder as it is, or a hub repo id's snapshot already in the local Hugging Face cache
+    (``--revision``, ``--cache_dir``, as diffusers' scripts; nothing is downloaded)."""
+    from .errors import MissingInput, UserError
+
+    if os.path.isdir(name):
+        if revision:
+            raise UserError(f"--revision {revision!r} applies to a hub repo id in the local cache; {flag} "
+                            f"{name!r} is a folder")
+        return name
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        except Exception:  # noqa: BLE001 - any failure means: not in the local cache
+            pass
+    raise MissingInput(f"{flag}: {name!r} is neither a local folder nor a repo id in the local Hugging Face cache"
+                       f"{' ' + repr(cache_dir) if cache_dir else ''}. This trainer never downloads; fetch it first "
+                       f"(e.g. `huggingface-cli download {name} --local-dir DIR`).")
 
 
 def is_sdxl(unet) -> bool:

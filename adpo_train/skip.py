@@ -25,8 +25,17 @@ import torch
 def optimizer_step(accel_optimizer, nonfinite: torch.Tensor) -> None:
     """``accel_optimizer.step()`` (an accelerate ``AcceleratedOptimizer``), skipped where ``nonfinite``."""
     raw = getattr(accel_optimizer, "optimizer", accel_optimizer)
-    if getattr(accel_optimizer, "scaler", None) is not None or not isinstance(raw, torch.optim.Adam | torch.optim.AdamW):
-        accel_optimizer.step()  # GradScaler (fp16) or an optimiser we do not know: its own inf handling
+    if getattr(accel_optimizer, "scaler", None) is not None:
+        accel_optimizer.step()  # GradScaler (fp16) finds the non-finite gradients itself and skips
+        return
+    if not isinstance(raw, torch.optim.Adam | torch.optim.AdamW):
+        # another optimiser (bitsandbytes' AdamW8bit, DeepSpeed's): zero gradients is all we can do on the
+        # device; its moments and weight decay still move this step
+        for g in getattr(raw, "param_groups", []):
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.grad.masked_fill_(nonfinite, 0.0)
+        accel_optimizer.step()
         return
     if raw.defaults.get("fused"):
         raw.found_inf = nonfinite.to(torch.float32)

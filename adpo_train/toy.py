@@ -86,7 +86,7 @@ def write_tokenizer(path: str, words=None) -> None:
 
 
 def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str = "epsilon",
-                         pretrain_steps: int = 0):
+                         pretrain_steps: int = 0, log=None):
     """``dict(unet, vae, text_encoder, tokenizer, scheduler)``, randomly initialised from ``seed``;
     ``pretrain_steps > 0``: the UNet is then pre-trained on captioned toy images (:func:`pretrain_unet`)."""
     import torch
@@ -117,12 +117,12 @@ def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str
                               steps_offset=1)
     parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
     if pretrain_steps > 0:
-        pretrain_unet(parts, pretrain_steps, seed=seed)
+        pretrain_unet(parts, pretrain_steps, seed=seed, log=log)
     return parts
 
 
 def pretrain_unet(parts: dict, steps: int = PRETRAIN_STEPS, batch_size: int = PRETRAIN_BATCH,
-                  lr: float = PRETRAIN_LR, num_images: int = PRETRAIN_IMAGES, seed: int = 0) -> list[float]:
+                  lr: float = PRETRAIN_LR, num_images: int = PRETRAIN_IMAGES, seed: int = 0, log=None) -> list[float]:
     """Pre-train the toy UNet as a text-conditioned denoiser (the ordinary diffusion loss) on
     ``num_images`` captioned toy images: each shows the named shape in the named colour, drawn
     from a seed of its own (not the preference set's).  Returns the loss per step.
@@ -151,7 +151,9 @@ def pretrain_unet(parts: dict, steps: int = PRETRAIN_STEPS, batch_size: int = PR
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     v_pred = sched.config.prediction_type == "v_prediction"
     losses = []
-    for _ in range(steps):
+    if log:
+        log(f"toy model: pre-training the UNet as a denoiser ({steps} steps, once; reused afterwards)")
+    for step in range(steps):
         idx = torch.randint(0, num_images, (batch_size,), generator=gen)
         x0 = lat[idx]
         noise = torch.randn(x0.shape, generator=gen)
@@ -163,6 +165,8 @@ def pretrain_unet(parts: dict, steps: int = PRETRAIN_STEPS, batch_size: int = PR
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if log and (step + 1) % max(steps // 10, 1) == 0:
+            log(f"toy model: pre-training step {step + 1}/{steps}, loss {losses[-1]:.4f}")
     unet.requires_grad_(False).eval()
     return losses
 
@@ -216,20 +220,23 @@ def build_toy_sdxl_components(tokenizer_dir: str, seed: int = 0, prediction_type
 
 
 def build_toy_pipeline(tokenizer_dir: str, seed: int = 0, prediction_type: str = "epsilon",
-                       pretrain_steps: int = 0):
+                       pretrain_steps: int = 0, log=None):
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline(**build_toy_components(tokenizer_dir, seed, prediction_type, pretrain_steps),
+    return StableDiffusionPipeline(**build_toy_components(tokenizer_dir, seed, prediction_type, pretrain_steps, log),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def write_toy_model(path: str, seed: int = 0, prediction_type: str = "epsilon", kind: str = "sd15",
-                    pretrain_steps: int | None = None) -> str:
+                    pretrain_steps: int | None = None, log=None) -> str:
     """Save the toy model as a diffusers-format folder (``model_index.json``, one subfolder per part);
     the SD1.5-style UNet is pre-trained for ``pretrain_steps`` (:func:`pretrain_unet`).
     ``kind="sdxl"``: the SDXL-style toy (a ``StableDiffusionXLPipeline`` folder, random UNet)."""
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return path
+    from . import safedir
+
+    safedir.check_replaceable(path, "make-toy")  # never replace a folder the package did not write
     if pretrain_steps is None:
         pretrain_steps = int(os.environ.get("ADPO_TOY_PRETRAIN_STEPS", PRETRAIN_STEPS))
     tmp = path.rstrip("/") + ".tmp"
@@ -239,7 +246,7 @@ def write_toy_model(path: str, seed: int = 0, prediction_type: str = "epsilon", 
         pipe = StableDiffusionXLPipeline(**build_toy_sdxl_components(os.path.join(tmp, "tokenizer"), seed,
                                                                      prediction_type))
     else:
-        pipe = build_toy_pipeline(os.path.join(tmp, "tokenizer"), seed, prediction_type, pretrain_steps)
+        pipe = build_toy_pipeline(os.path.join(tmp, "tokenizer"), seed, prediction_type, pretrain_steps, log)
     pipe.save_pretrained(tmp, safe_serialization=True)
     os.replace(tmp, path) if not os.path.exists(path) else _replace_dir(tmp, path)
     return path
@@ -300,6 +307,15 @@ def toy_records(num_pairs: int, seed: int = 0, num_ties: int = 2, num_corrupt: i
     return cols
 
 
+def _is_toy_dataset(path: str) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path).metadata.get(b"adpo-train") == b"toy dataset"
+    except Exception:  # noqa: BLE001 - unreadable or no metadata: not ours
+        return False
+
+
 def write_toy_dataset(path: str, num_pairs: int = 256, seed: int = 0, num_ties: int = 2,
                       num_corrupt: int = 1) -> str:
     """Write the toy preference set as one Pick-a-Pic-schema parquet file; returns its path."""
@@ -311,7 +327,12 @@ def write_toy_dataset(path: str, num_pairs: int = 256, seed: int = 0, num_ties: 
     table = pa.table({"caption": pa.array(cols["caption"], pa.string()),
                       "jpg_0": pa.array(cols["jpg_0"], pa.binary()), "jpg_1": pa.array(cols["jpg_1"], pa.binary()),
                       "label_0": pa.array(cols["label_0"], pa.float64()),
-                      "user_id": pa.array(cols["user_id"], pa.int64())})
+                      "user_id": pa.array(cols["user_id"], pa.int64())},
+                     metadata={"adpo-train": "toy dataset"})
+    if os.path.lexists(path) and not _is_toy_dataset(path):
+        from .errors import UserError
+
+        raise UserError(f"make-toy: {path!r} exists and is not the toy dataset; refusing to overwrite it")
     tmp = path + ".tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, path)

@@ -65,7 +65,7 @@ def _prepare_toy(args: Namespace, log) -> None:
 
     root = os.path.join(args.output_dir, "toy")
     pt = args.prediction_type or "epsilon"
-    model = toy.write_toy_model(os.path.join(root, f"model-{pt}"), prediction_type=pt)
+    model = toy.write_toy_model(os.path.join(root, f"model-{pt}"), prediction_type=pt, log=log)
     data = os.path.join(root, "data", f"pick_a_pic_toy_{args.toy_pairs}.parquet")
     if not os.path.isfile(data):
         toy.write_toy_dataset(data, args.toy_pairs)
@@ -92,7 +92,7 @@ def _check_cache_model(args, meta: dict, log) -> None:
 
     if not args.pretrained_model_name_or_path:
         return
-    want = encoder_fingerprint(args.pretrained_model_name_or_path)
+    want = encoder_fingerprint(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path)
     have = meta.get("model_fingerprint")
     if have is None or have == want:
         return
@@ -170,7 +170,8 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
             build_cache(args.pretrained_model_name_or_path, args.dataset_name, args.latent_cache,
                         split=args.dataset_split_name, resolution=args.resolution, flip_ratio=args.flip_ratio,
                         flip_seed=args.flip_seed, max_pairs=args.max_train_samples, seed=args.seed,
-                        device=_dev(accelerator.device), variant=args.variant, log=log)
+                        device=_dev(accelerator.device), variant=args.variant, log=log, hflip=not args.no_hflip,
+                        random_crop=args.random_crop, vae_path=args.pretrained_vae_model_name_or_path)
         accelerator.wait_for_everyone()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -240,9 +241,11 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
             raise SystemExit("adpo-train: give --dataset_name or --latent_cache")
         pairs = PickAPicPairs(args.dataset_name, args.dataset_split_name, args.flip_ratio, args.flip_seed,
                               args.max_train_samples)
-        vae = load_vae(args.pretrained_model_name_or_path, args.variant).to(device, dtype=weight_dtype)
+        vae = load_vae(args.pretrained_model_name_or_path, args.variant,
+                       args.pretrained_vae_model_name_or_path).to(device, dtype=weight_dtype)
         text_encoder = load_text_encoders(args.pretrained_model_name_or_path, args.variant).to(device, weight_dtype)
-        dataset = ImagePairDataset(pairs, text_encoder, args.resolution)
+        dataset = ImagePairDataset(pairs, text_encoder, args.resolution, hflip=not args.no_hflip,
+                                   random_crop=args.random_crop, seed=args.seed)
         collate = collate_images
         flip_record = pairs.flip_record()
         data_stats = {"num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": None,
@@ -265,12 +268,17 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     fused = cuda if args.fused_adamw is None else args.fused_adamw
-    optimizer = torch.optim.AdamW(lora_params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-                                  **({"fused": True} if fused else {}))
+    adamw = torch.optim.AdamW
+    if args.use_8bit_adam:  # compat.check made sure bitsandbytes is installed
+        import bitsandbytes as bnb
+
+        adamw, fused = bnb.optim.AdamW8bit, False
+    optimizer = adamw(lora_params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **({"fused": True} if fused else {}))
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
     if cuda if args.compile is None else args.compile:
         compile_unet(unet, mode=args.compile_mode)
         if reference_unet is not None:
@@ -453,7 +461,8 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
                 continue
             with accelerator.accumulate(unet):
                 x = step_inputs(batch, scheduler, gen, device, weight_dtype, rank=rank, world=world,
-                                encoders=text_encoder, vae=vae, vae_gen=vae_gen, channels_last=args.channels_last)
+                                encoders=text_encoder, vae=vae, vae_gen=vae_gen, channels_last=args.channels_last,
+                                vae_chunk=args.vae_encode_batch_size)
                 ready = global_step >= args.ema_warmup_steps
                 out = models.loss(x, cfg, ready, args.loss_backend)
                 accelerator.backward(out.loss)

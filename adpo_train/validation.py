@@ -3,7 +3,8 @@
 Every ``--validation_steps`` optimisation steps and at the end, the model folder's pipeline
 (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``) runs with the UNet being
 trained (adapters on), diffusers' ``DPMSolverMultistepScheduler``, a fixed seed per prompt,
-and writes one PNG grid (a column per prompt) to ``OUTPUT_DIR/validation/step-NNNNNN.png``;
+and writes one PNG grid (a column per prompt) to ``OUTPUT_DIR/validation/step-NNNNNN.png``
+(``-final.png`` at the end);
 the trackers get the same images (tensorboard ``add_images``, wandb ``Image``).  The final
 call adds a row without the LoRA, as diffusers' script does.  The global RNG state is left
 as it was, so validation does not change the training run.
@@ -75,7 +76,7 @@ class Validator:
                         self.unet.enable_adapters()
         finally:
             self.unet.train(was_training)
-        path = os.path.join(self.out_dir, f"step-{step:06d}.png")
+        path = os.path.join(self.out_dir, f"step-{step:06d}{'-final' if final else ''}.png")
         os.makedirs(self.out_dir, exist_ok=True)
         grid(rows).save(path)
         self._log(rows, step, final)

@@ -71,9 +71,12 @@ def test_beta_mapping_and_paper_preset():
     import adpo_kernels as ak
     from adpo_train.cli import build_parser, resolve
 
-    model = ["--pretrained_model_name_or_path", "/nonexistent"]
+    model = ["--pretrained_model_name_or_path", toy_assets()["model"]]  # an SD1.5-style folder
+    # --beta_dpo means what diffusers' script for the family means: train_diffusion_dpo.py's beta_dpo * logits
     a = resolve(build_parser().parse_args(model + ["--beta_dpo", "5000"]))
-    assert a.loss_config.beta == 2500.0
+    assert a.loss_config.beta == 5000.0 and not a.sdxl
+    a = resolve(build_parser().parse_args(["--unet_config", "tiny-sdxl", "--beta_dpo", "5000"]))
+    assert a.loss_config.beta == 2500.0 and a.sdxl  # train_diffusion_dpo_sdxl.py's -0.5 * beta_dpo
     a = resolve(build_parser().parse_args(model + ["--beta", "1234"]))
     assert a.loss_config.beta == 1234.0
     a = resolve(build_parser().parse_args(model + ["--preset", "paper"]))
@@ -103,8 +106,7 @@ def test_experiment_dispatch(monkeypatch):
             monkeypatch.setitem(sys.modules, "adpo_train.experiments", types.ModuleType("adpo_train.experiments"))
     assert main(["experiment", "label-flip", "--x", "1"]) == 0
     assert seen["argv"] == ["--x", "1"]
-    with pytest.raises(SystemExit):
-        main(["experiment", "nope"])
+    assert main(["experiment", "nope"]) == 2  # a user error: one line, exit code 2
 
 
 def test_no_downloads_for_a_missing_model(tmp_path):
