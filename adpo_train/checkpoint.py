@@ -64,9 +64,11 @@ def run_outputs(output_dir: str, logging_dir: str = "logs") -> list[str]:
                   if n in names or _NAME.match(n) or n.startswith(".tmp-checkpoint-"))
 
 
-def check_output_dir(output_dir: str, resuming: bool, overwrite: bool, logging_dir: str = "logs") -> None:
+def check_output_dir(output_dir: str, resuming: bool, overwrite: bool, logging_dir: str = "logs",
+                     remove: bool = True) -> None:
     """Refuse a fresh run into a folder holding another run, unless ``--overwrite_output_dir``
-    (then that run's outputs are removed, nothing else) or a resume was asked for."""
+    (then that run's outputs are removed, nothing else; only where ``remove``: the main process)
+    or a resume was asked for."""
     if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"--output_dir: {output_dir!r} exists and is not a folder")
     found = run_outputs(output_dir, logging_dir)
@@ -76,7 +78,7 @@ def check_output_dir(output_dir: str, resuming: bool, overwrite: bool, logging_d
         raise UserError(f"--output_dir: {output_dir!r} holds another run ({', '.join(found[:4])}"
                         f"{', ...' if len(found) > 4 else ''}); resume it with --resume_from_checkpoint latest, "
                         f"or pass --overwrite_output_dir to replace it")
-    for name in found:
+    for name in found if remove else ():
         if name == "latent_cache":  # may be reused by --cache_latents; build_cache replaces it safely
             continue
         path = os.path.join(output_dir, name)

@@ -138,8 +138,8 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
 
     resuming = bool(args.resume_from_checkpoint) and (
         args.resume_from_checkpoint != "latest" or bool(ckpt.list_checkpoints(args.output_dir)))
-    ckpt.check_output_dir(args.output_dir, resuming, bool(args.overwrite_output_dir), args.logging_dir)
-    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt.check_output_dir(args.output_dir, resuming, bool(args.overwrite_output_dir), args.logging_dir,
+                          remove=False)  # every rank refuses alike; the main process removes (below)
     from .compat import trackers
 
     log_with = trackers(args.report_to)
@@ -152,6 +152,11 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
                                                                   logging_dir=os.path.join(args.output_dir,
                                                                                            args.logging_dir)))
     main_proc = accelerator.is_main_process
+    accelerator.wait_for_everyone()
+    if main_proc:
+        ckpt.check_output_dir(args.output_dir, resuming, bool(args.overwrite_output_dir), args.logging_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
     if accelerator.device.type == "cpu" and getattr(args, "cpu_threads", None):
         torch.set_num_threads(args.cpu_threads)
     log = print if main_proc else (lambda *a, **k: None)
@@ -508,7 +513,7 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
             nonfinite.zero_()
             global_step += 1
             steps_since_log += 1
-            synced = False
+            synced, agreed_signal = False, None
             if progress is not None:
                 progress.update(1)
             if global_step % args.logging_steps == 0 or global_step >= args.max_train_steps:
@@ -547,15 +552,13 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
                     if progress is not None:
                         progress.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['implicit_acc']:.3f}",
                                              w=f"{rec['weight_mean']:.3f}")
-                if world > 1:  # a signal may reach one rank only: agree at the sync
-                    sig = accelerator.reduce(torch.tensor([float(stop.signum or 0)], device=device), "sum")
-                    if sig.item() > 0 and stop.signum is None:
-                        import signal
-
-                        stop.signum = signal.SIGTERM
+                if world > 1:  # a signal may reach one rank only (or arrive mid-sync): agree on a snapshot
+                    local = stop.signum
+                    sig = accelerator.reduce(torch.tensor([float(local or 0)], device=device), "sum")
+                    agreed_signal = (local or 15) if sig.item() > 0 else None  # 15: SIGTERM
             if validator is not None and global_step % args.validation_steps == 0:
                 log(f"\nvalidation images: {validator.run(global_step)}")
-            stop_signal = stop.signum if world == 1 or synced else None
+            stop_signal = stop.signum if world == 1 else (agreed_signal if synced else None)
             stop_early = args.stop_after_steps is not None and global_step >= args.stop_after_steps
             if global_step % args.checkpointing_steps == 0 or stop_early or global_step >= args.max_train_steps:
                 path = write_checkpoint(global_step, (epoch, batch_in_epoch))

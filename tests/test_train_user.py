@@ -272,3 +272,35 @@ def test_diffusers_readme_command_runs(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(tmp_path / "dpo" / "validation" / "step-000002-final.png").size == (2 * 32, 2 * 32)  # + no-LoRA row
+
+
+# The flags of diffusers' examples/research_projects/diffusion_dpo/train_diffusion_dpo.py and
+# train_diffusion_dpo_sdxl.py (diffusers main, 2026-08).
+DIFFUSERS_DPO_FLAGS = """pretrained_model_name_or_path revision dataset_name dataset_split_name variant run_validation
+validation_steps max_train_samples output_dir cache_dir seed resolution vae_encode_batch_size no_hflip random_crop
+train_batch_size num_train_epochs max_train_steps checkpointing_steps checkpoints_total_limit resume_from_checkpoint
+gradient_accumulation_steps gradient_checkpointing beta_dpo loss_type learning_rate scale_lr lr_scheduler
+lr_warmup_steps lr_num_cycles lr_power dataloader_num_workers use_8bit_adam adam_beta1 adam_beta2 adam_weight_decay
+adam_epsilon max_grad_norm push_to_hub hub_token hub_model_id logging_dir allow_tf32 report_to mixed_precision
+prior_generation_precision local_rank enable_xformers_memory_efficient_attention rank tracker_name
+pretrained_vae_model_name_or_path is_turbo""".split()
+
+
+def test_every_diffusers_flag_is_accepted_or_refused_with_a_reason():
+    from adpo_train import compat
+    from adpo_train.cli import build_parser
+
+    known = {s.lstrip("-") for action in build_parser()._actions for s in action.option_strings}
+    assert [f for f in DIFFUSERS_DPO_FLAGS if f not in known] == []
+    for flag, why in compat.REFUSED.items():
+        assert flag in DIFFUSERS_DPO_FLAGS and len(why) > 20
+
+
+def test_sigterm_is_recorded_not_raised():
+    from adpo_train.signals import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest(log=lambda *a: None) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
