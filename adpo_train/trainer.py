@@ -86,6 +86,19 @@ def _trackers(args, accelerator, log):
     return True
 
 
+def _check_cache_shapes(path: str, dataset, unet) -> None:
+    """Latent channels and text width must be what the UNet takes (even with a mismatch allowed)."""
+    if len(dataset) == 0:
+        raise UserError(f"--latent_cache {path!r} holds no pairs")
+    item = dataset[0]
+    have = (item["latents"].shape[1], item["text"].shape[-1])
+    cad = unet.config.cross_attention_dim
+    want = (unet.config.in_channels, cad if isinstance(cad, int) else have[1])  # per-block widths: not checked
+    if have != want:
+        raise UserError(f"--latent_cache {path!r}: latents with {have[0]} channels and text width {have[1]}, but "
+                        f"the UNet takes {want[0]} channels and text width {want[1]}: a cache of another model")
+
+
 def _check_cache_model(args, meta: dict, log) -> None:
     """A latent cache only fits the VAE and text encoder(s) it was built with."""
     from .models import encoder_fingerprint
@@ -238,6 +251,7 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
         collate = collate_cached
         meta = dataset.meta
         _check_cache_model(args, meta, log)
+        _check_cache_shapes(args.latent_cache, dataset, unet)
         args.resolution = meta.get("resolution", args.resolution)  # what the latents were made at
         flip_record = {k: meta[k] for k in ("flip_ratio", "flip_seed", "flipped_pairs", "flipped_rows")}
         data_stats = {k: meta[k] for k in ("num_rows", "num_ties", "num_corrupt", "num_pairs")}
@@ -443,8 +457,9 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
         if progress is not None:
             progress.close()
         accelerator.end_training()
-        return Interrupted(signum, global_step, path, "Resume with the same command plus "
-                           "--resume_from_checkpoint latest.")
+        hint = ("Resume with the same command plus --resume_from_checkpoint latest." if path else
+                "Nothing to resume: run again with --overwrite_output_dir.")
+        return Interrupted(signum, global_step, path, hint)
 
     # -- the loop -------------------------------------------------------------------------
     progress = None
@@ -456,6 +471,7 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
     pair_rows: list[torch.Tensor] = []
     t_log, steps_since_log = time.time(), (resumed_steps_since_log if resume else 0)
     unet.train()
+    stop.arm()
     done = global_step >= args.max_train_steps
     while not done and epoch < num_epochs:
         sampler.set_epoch(epoch, batch_in_epoch)

@@ -301,6 +301,23 @@ def test_sigterm_is_recorded_not_raised():
 
     before = signal.getsignal(signal.SIGTERM)
     with StopRequest(log=lambda *a: None) as stop:
+        with pytest.raises(SystemExit):  # before arm() (loading, caching): stop at once, exit code 143
+            os.kill(os.getpid(), signal.SIGTERM)
+        stop.arm()
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_cache_of_another_shape_is_refused_even_when_a_mismatch_is_allowed():
+    from types import SimpleNamespace
+
+    from adpo_train.errors import UserError
+    from adpo_train.trainer import _check_cache_shapes
+
+    item = {"latents": torch.zeros(2, 4, 8, 8), "text": torch.zeros(16, 64)}  # an SDXL-style cache
+    unet = SimpleNamespace(config=SimpleNamespace(in_channels=4, cross_attention_dim=32))
+    with pytest.raises(UserError, match="text width 64.*text width 32"):
+        _check_cache_shapes("c", [item], unet)
+    unet.config.cross_attention_dim = 64
+    _check_cache_shapes("c", [item], unet)
