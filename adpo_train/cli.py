@@ -229,6 +229,8 @@ def build_cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--device")
     p.add_argument("--pretrained_vae_model_name_or_path", help="a local AutoencoderKL folder instead of vae/")
+    p.add_argument("--revision", help="with a hub repo id: that revision in the local Hugging Face cache")
+    p.add_argument("--cache_dir", help="the Hugging Face cache folder (default: HF_HUB_CACHE)")
     p.add_argument("--no_hflip", action="store_true", help="no horizontal flip (default: a seeded flip of half "
                    "the pairs, winner and loser together, as diffusers' scripts)")
     p.add_argument("--random_crop", action="store_true")
@@ -349,6 +351,9 @@ def _main(argv: list) -> int:
         a = build_cache_parser().parse_args(rest)
         if a.vae_encode_batch_size:
             a.batch_size = a.vae_encode_batch_size
+        from .models import locate_model
+
+        a.pretrained_model_name_or_path = locate_model(a.pretrained_model_name_or_path, a.revision, a.cache_dir)
         build_cache(a.pretrained_model_name_or_path, a.dataset_name, a.latent_cache, split=a.dataset_split_name,
                     resolution=a.resolution, batch_size=a.batch_size, shard_size=a.shard_size,
                     flip_ratio=a.flip_ratio, flip_seed=a.flip_seed, max_pairs=a.max_train_samples, seed=a.seed,

@@ -321,3 +321,35 @@ def test_cache_of_another_shape_is_refused_even_when_a_mismatch_is_allowed():
         _check_cache_shapes("c", [item], unet)
     unet.config.cross_attention_dim = 64
     _check_cache_shapes("c", [item], unet)
+
+
+def test_revision_and_cache_dir_find_a_repo_in_the_local_hf_cache(tmp_path):
+    """--pretrained_model_name_or_path org/name --revision R --cache_dir C: the snapshot already in the
+    local Hugging Face cache, offline; a repo id that is not there is a one-line error."""
+    import shutil
+
+    from adpo_train.errors import MissingInput
+    from adpo_train.models import locate_model
+
+    a = toy_assets()
+    repo = tmp_path / "hub" / "models--org--toy"
+    shutil.copytree(a["model"], repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    found = locate_model("org/toy", None, str(tmp_path / "hub"))
+    assert os.path.samefile(found, repo / "snapshots" / ("a" * 40))
+    assert os.path.samefile(locate_model("org/toy", "a" * 40, str(tmp_path / "hub")), found)
+    with pytest.raises(MissingInput, match="never downloads"):
+        locate_model("org/other", None, str(tmp_path / "hub"))
+
+
+def test_vae_override_for_cache(tmp_path, capsys):
+    a = toy_assets()
+    argv = ["cache", "--pretrained_model_name_or_path", a["model"], "--dataset_name", a["data"],
+            "--latent_cache", str(tmp_path / "c"), "--resolution", "32", "--max_train_samples", "4"]
+    rc, _, err = _main(argv + ["--pretrained_vae_model_name_or_path", str(tmp_path / "nope")], capsys)
+    assert rc == 2 and "--pretrained_vae_model_name_or_path" in err
+    rc, _, err = _main(argv + ["--pretrained_vae_model_name_or_path", os.path.join(a["model"], "vae"),
+                               "--vae_encode_batch_size", "2"], capsys)
+    assert rc == 0, err
+    assert json.load(open(tmp_path / "c" / "index.json"))["num_pairs"] == 4
