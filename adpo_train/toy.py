@@ -93,6 +93,8 @@ def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    if log:
+        log("toy model: building the tiny VAE (calibrated), text encoder and UNet, once (reused afterwards)")
     write_tokenizer(tokenizer_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     torch.manual_seed(seed)
@@ -152,7 +154,7 @@ def pretrain_unet(parts: dict, steps: int = PRETRAIN_STEPS, batch_size: int = PR
     v_pred = sched.config.prediction_type == "v_prediction"
     losses = []
     if log:
-        log(f"toy model: pre-training the UNet as a denoiser ({steps} steps, once; reused afterwards)")
+        log(f"toy model: pre-training the UNet as a denoiser ({steps} steps)")
     for step in range(steps):
         idx = torch.randint(0, num_images, (batch_size,), generator=gen)
         x0 = lat[idx]

@@ -394,7 +394,7 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
                 os.remove(path)
     use_tb = _trackers(args, accelerator, log)
     with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:
-        json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("loss_config", "vae_override")},
+        json.dump({"args": {k: v for k, v in vars(args).items() if k != "loss_config"},
                    "beta": cfg.beta, "beta_convention": _beta_note(args, cfg),
                    "loss_config": dataclasses.asdict(cfg), "data": data_stats,
                    "lora_parameters": sum(p.numel() for p in lora_params)}, f, indent=1, default=str)
@@ -498,6 +498,8 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
                         nonfinite |= ~torch.isfinite(norm)
                     skip.optimizer_step(optimizer, nonfinite)
                     buf[F["skipped_steps"]] += nonfinite.double()
+                    if grad_norm is not None:  # a skipped step's norm is not a measurement
+                        grad_norm = torch.where(nonfinite, torch.zeros_like(grad_norm), grad_norm)
                 else:
                     optimizer.step()  # accelerate makes this a no-op while accumulating
                 lr_scheduler.step()
@@ -550,7 +552,7 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
                        "implicit_acc": vals[F["implicit_acc"]] / n, "weight_mean": vals[F["weight_mean"]] / n,
                        "metric_mean": vals[F["metric_mean"]] / n, "logit_mean": vals[F["logit_mean"]] / n,
                        "model_mse": vals[F["model_mse"]] / n, "ref_mse": vals[F["ref_mse"]] / n,
-                       "grad_norm": vals[F["grad_norm"]] / max(steps_since_log + skipped, 1) / world,
+                       "grad_norm": vals[F["grad_norm"]] / max(steps_since_log, 1) / world,  # real steps
                        "nonfinite_micro_batches": int(vals[F["nonfinite"]]), "skipped_steps": skipped,
                        "skipped_steps_total": skipped_total, "lr": lr_scheduler.get_last_lr()[0],
                        "annotators_ready": ready, "corrupt_pairs_seen": num_corrupt_seen,

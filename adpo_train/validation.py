@@ -41,9 +41,11 @@ class Validator:
             kw = dict(local_files_only=True, use_safetensors=True, unet=self.unet, torch_dtype=self.dtype)
             if self.args.variant:
                 kw["variant"] = self.args.variant
+            if self.args.pretrained_vae_model_name_or_path:  # the VAE the run encodes with
+                from .models import load_vae
+
+                kw["vae"] = load_vae(None, self.args.variant, self.args.pretrained_vae_model_name_or_path)
             pipe = DiffusionPipeline.from_pretrained(self.args.pretrained_model_name_or_path, **kw)
-            if getattr(self.args, "vae_override", None) is not None:
-                pipe.vae = self.args.vae_override
             if hasattr(pipe, "safety_checker"):
                 pipe.safety_checker = None
             pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
