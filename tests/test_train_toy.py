@@ -10,13 +10,15 @@ import torch
 from tests.test_train_fixtures import FAST, root, run_trainer, toy_assets
 
 
-def test_embedded_default_shortened(tmp_path):
+def test_embedded_default_shortened(tmp_path, capsys):
     from adpo_train.cli import main
 
     out = tmp_path / "toy"
     rc = main(["--output_dir", str(out), "--max_train_steps", "4", "--checkpointing_steps", "2",
                "--toy_pairs", "24", "--train_batch_size", "4", "--logging_steps", "2"] + FAST[:-3])
     assert rc == 0
+    printed = capsys.readouterr().out
+    assert "toy model: pre-training step 20/20" in printed  # the demo is never silent while it builds
     from safetensors.torch import load_file
 
     lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
