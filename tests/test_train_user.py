@@ -51,18 +51,44 @@ def _lora_pairs(state: dict) -> dict:
     return out
 
 
+def _pick_a_pic_with_jpegs(path) -> str:
+    """The toy's Pick-a-Pic rows (2 ties, 2 corrupt) with every other image re-encoded as JPEG."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from adpo_train import toy
+
+    cols = toy.toy_records(24, num_ties=2, num_corrupt=2)
+    for key in ("jpg_0", "jpg_1"):
+        for i in range(0, len(cols[key]), 2):
+            try:
+                img = Image.open(io.BytesIO(cols[key][i])).convert("RGB")
+            except Exception:  # noqa: BLE001 - the corrupt rows stay corrupt
+                continue
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=90)
+            cols[key][i] = buf.getvalue()
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    pq.write_table(pa.table(cols), str(path))
+    return str(path)
+
+
 def test_cache_train_sigint_resume_load_lora_generate(tmp_path, capsys, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
     from adpo_train import skip
 
     a = toy_assets()
-    data_before = _digest(a["data"])
+    data = _pick_a_pic_with_jpegs(tmp_path / "pick_a_pic" / "train-00000.parquet")
+    data_before = _digest(data)
     cache = str(tmp_path / "cache")
-    rc, out, err = _main(["cache", "--pretrained_model_name_or_path", a["model"], "--dataset_name", a["data"],
+    rc, out, err = _main(["cache", "--pretrained_model_name_or_path", a["model"], "--dataset_name", data,
                           "--latent_cache", cache, "--resolution", "32", "--device", "cpu"], capsys)
     assert rc == 0, err
-    assert "2 ties dropped, 1 corrupt pairs skipped" in out
+    assert "24 pairs" in out and "2 ties dropped, 2 corrupt pairs skipped" in out
     run = tmp_path / "run"
 
     # SIGINT arrives during step 3: the run stops at the step boundary with checkpoint-3 and exit code 130
@@ -87,7 +113,7 @@ def test_cache_train_sigint_resume_load_lora_generate(tmp_path, capsys, monkeypa
     assert (run / "checkpoint-6" / "pytorch_lora_weights.safetensors").is_file()  # final checkpoint
     cfg = json.load(open(run / "train_config.json"))
     assert cfg["args"]["resolution"] == 32 and cfg["beta"] == 500.0  # the cache's true resolution
-    assert _digest(a["data"]) == data_before
+    assert _digest(data) == data_before
 
     # the exported LoRA: fused weights == base + (alpha / r) * B @ A
     lora = load_file(str(run / "pytorch_lora_weights.safetensors"))
@@ -254,7 +280,7 @@ def test_diffusers_readme_command_runs(tmp_path, capsys):
 
     a = toy_assets()
     readme = ["--pretrained_model_name_or_path=" + a["model"], "--output_dir=" + str(tmp_path / "dpo"),
-              "--mixed_precision=no", "--dataset_name=" + a["data"], "--resolution=32", "--train_batch_size=4",
+              "--mixed_precision=fp16", "--dataset_name=" + a["data"], "--resolution=32", "--train_batch_size=4",
               "--gradient_accumulation_steps=2", "--gradient_checkpointing", "--rank=8", "--learning_rate=1e-5",
               "--report_to=tensorboard", "--lr_scheduler=constant", "--lr_warmup_steps=0", "--max_train_steps=2",
               "--checkpointing_steps=2000", "--run_validation", "--validation_steps=1", "--seed=0",
@@ -262,11 +288,19 @@ def test_diffusers_readme_command_runs(tmp_path, capsys):
               "--cpu_threads", "1", "--quiet"]
     rc, _, err = _main(["train", *readme, "--push_to_hub"], capsys)
     assert rc == 2 and "never touches the network" in err
+    if importlib.util.find_spec("wandb") is None:  # the README's --report_to="wandb"
+        rc, _, err = _main(["train", *readme, "--report_to=wandb"], capsys)
+        assert rc == 2 and "wandb is not installed" in err
     if importlib.util.find_spec("bitsandbytes") is None:
         rc, _, err = _main(["train", *readme, "--use_8bit_adam"], capsys)
         assert rc == 2 and "bitsandbytes" in err
-    rc, out, err = _main(["train", *readme], capsys)
-    assert rc == 0, err
+    # a process of its own, as a user runs it (accelerate keeps its mixed precision per process)
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "adpo_train", "train", *readme], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     grids = sorted(os.listdir(tmp_path / "dpo" / "validation"))
     assert grids == ["step-000001.png", "step-000002-final.png", "step-000002.png"]
     from PIL import Image
