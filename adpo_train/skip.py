@@ -6,7 +6,8 @@
   the step count.  ``AdamW(fused=True)`` takes the flag as ``found_inf`` (the mechanism
   ``torch.amp.GradScaler`` uses; the fused kernel skips the update and undoes its step
   increment on the device).  Other AdamW implementations reject ``found_inf``: their
-  parameters and state are snapshotted and put back with ``torch.where``.  Under fp16
+  parameters and state are snapshotted and put back with ``torch.where`` (on CUDA their step
+  count lives on the host, so that costs a sync: fused is the default there).  Under fp16
   mixed precision accelerate's ``GradScaler`` owns ``found_inf``; a non-finite loss gives
   non-finite gradients, which it already skips (and it lowers its scale, as it should);
 * each EMA annotator is updated towards its own shadow weights, which leaves it exactly as
