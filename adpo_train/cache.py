@@ -11,7 +11,8 @@ the flip record, the model, the resolution).  The folder is written under
 ``<out>.tmp`` and renamed when complete; it carries a marker file, and an existing
 non-empty folder without it is refused (:mod:`adpo_train.safedir`): the cache never
 replaces what the package did not write.  A dataset with no usable pair (all ties or all
-corrupt) is an error.  Training from the cache never runs the VAE or the text encoder.
+corrupt) is an error.  ``hflip``/``random_crop`` (diffusers' default flip, ``--random_crop``)
+are drawn once per pair (:func:`adpo_train.data.pair_augmentation`): a cache holds one view.  Training from the cache never runs the VAE or the text encoder.
 """
 from __future__ import annotations
 
