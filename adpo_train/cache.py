@@ -134,3 +134,41 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
         f"({pairs.num_ties} ties dropped, {num_corrupt} corrupt pairs skipped, "
         f"{len(meta['flipped_pairs'])} flipped) in {time.time() - t0:.1f}s")
     return meta
+
+
+def check_cache_fits(args, meta: dict, dataset, unet, log=print) -> None:
+    """Training from a cache: it must come from the run's VAE and text encoder(s) (the fingerprint in
+    ``index.json``; ``--allow_cache_model_mismatch`` lets a mismatch through with a warning) and its
+    shapes must fit the UNet (always)."""
+    _check_model(args, meta, log)
+    _check_shapes(args.latent_cache, dataset, unet)
+
+
+def _check_shapes(path: str, dataset, unet) -> None:
+    """Latent channels and text width must be what the UNet takes (even with a mismatch allowed)."""
+    if len(dataset) == 0:
+        raise UserError(f"--latent_cache {path!r} holds no pairs")
+    item = dataset[0]
+    have = (item["latents"].shape[1], item["text"].shape[-1])
+    cad = unet.config.cross_attention_dim
+    want = (unet.config.in_channels, cad if isinstance(cad, int) else have[1])  # per-block widths: not checked
+    if have != want:
+        raise UserError(f"--latent_cache {path!r}: latents with {have[0]} channels and text width {have[1]}, but "
+                        f"the UNet takes {want[0]} channels and text width {want[1]}: a cache of another model")
+
+
+def _check_model(args, meta: dict, log) -> None:
+    """A latent cache only fits the VAE and text encoder(s) it was built with."""
+    from .models import encoder_fingerprint
+
+    if not args.pretrained_model_name_or_path:
+        return
+    want = encoder_fingerprint(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path)
+    have = meta.get("model_fingerprint")
+    if have is None or have == want:
+        return
+    msg = (f"--latent_cache {args.latent_cache!r} was built with {meta.get('model')!r}, whose VAE/text encoder "
+           f"differ from --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}")
+    if not args.allow_cache_model_mismatch:
+        raise UserError(msg + "; rebuild the cache, or pass --allow_cache_model_mismatch")
+    log("warning: " + msg)

@@ -82,3 +82,12 @@ def trackers(report_to) -> list[str]:
 def beta_from_beta_dpo(beta_dpo: float, sdxl: bool) -> float:
     """This package's ``beta`` for diffusers' ``--beta_dpo`` (see the module docstring)."""
     return beta_dpo / 2.0 if sdxl else float(beta_dpo)
+
+
+def beta_note(args: argparse.Namespace) -> str:
+    """How the effective beta came about (printed and recorded in train_config.json)."""
+    if getattr(args, "beta_dpo", None) is not None:
+        if getattr(args, "sdxl", False):
+            return f"--beta_dpo {args.beta_dpo:g} / 2, as diffusers' train_diffusion_dpo_sdxl.py"
+        return f"--beta_dpo {args.beta_dpo:g}, as diffusers' train_diffusion_dpo.py"
+    return "--beta" if getattr(args, "beta", None) is not None else "default"

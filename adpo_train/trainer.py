@@ -31,14 +31,16 @@ import adpo_kernels as ak
 
 from . import checkpoint as ckpt
 from . import skip
-from .errors import Interrupted, RunCutShort, UserError
-from .signals import StopRequest
 from .annotators import EMAAnnotators, MixedBatchAnnotators
+from .cache import check_cache_fits
+from .compat import beta_note
 from .data import (CachedPairDataset, ImagePairDataset, PairBatchSampler, PickAPicPairs, SyntheticPairDataset,
                    collate_cached, collate_images)
 from .models import (LORA_WEIGHT_NAME, add_lora, build_unet, load_lora_state_dict, load_scheduler,
                      load_text_encoders, load_unet, load_vae, lora_state_dict, save_lora_diffusers, set_attention,
                      text_shape)
+from .errors import Interrupted, RunCutShort, UserError
+from .signals import StopRequest
 from .step import StepModels, compile_unet, step_inputs
 
 # Device-side metric buffer: one slot per field, summed over optimisation steps between logs.
@@ -47,15 +49,6 @@ FIELDS = ("loss", "implicit_acc", "weight_mean", "metric_mean", "logit_mean", "m
           "clean_weight_sum", "clean_count")
 F = {name: i for i, name in enumerate(FIELDS)}
 _COUNTERS = torch.tensor([name in ("nonfinite", "micro_batches", "skipped_steps") for name in FIELDS])
-
-
-def _beta_note(args: Namespace, cfg) -> str:
-    """How the effective beta came about (printed and recorded in train_config.json)."""
-    if getattr(args, "beta_dpo", None) is not None:
-        if getattr(args, "sdxl", False):
-            return f"--beta_dpo {args.beta_dpo:g} / 2, as diffusers' train_diffusion_dpo_sdxl.py"
-        return f"--beta_dpo {args.beta_dpo:g}, as diffusers' train_diffusion_dpo.py"
-    return "--beta" if getattr(args, "beta", None) is not None else "default"
 
 
 def _prepare_toy(args: Namespace, log) -> None:
@@ -84,36 +77,6 @@ def _trackers(args, accelerator, log):
     accelerator.init_trackers(args.tracker_name, config={k: v for k, v in vars(args).items()
                                                          if isinstance(v, (int, float, str, bool))})
     return True
-
-
-def _check_cache_shapes(path: str, dataset, unet) -> None:
-    """Latent channels and text width must be what the UNet takes (even with a mismatch allowed)."""
-    if len(dataset) == 0:
-        raise UserError(f"--latent_cache {path!r} holds no pairs")
-    item = dataset[0]
-    have = (item["latents"].shape[1], item["text"].shape[-1])
-    cad = unet.config.cross_attention_dim
-    want = (unet.config.in_channels, cad if isinstance(cad, int) else have[1])  # per-block widths: not checked
-    if have != want:
-        raise UserError(f"--latent_cache {path!r}: latents with {have[0]} channels and text width {have[1]}, but "
-                        f"the UNet takes {want[0]} channels and text width {want[1]}: a cache of another model")
-
-
-def _check_cache_model(args, meta: dict, log) -> None:
-    """A latent cache only fits the VAE and text encoder(s) it was built with."""
-    from .models import encoder_fingerprint
-
-    if not args.pretrained_model_name_or_path:
-        return
-    want = encoder_fingerprint(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path)
-    have = meta.get("model_fingerprint")
-    if have is None or have == want:
-        return
-    msg = (f"--latent_cache {args.latent_cache!r} was built with {meta.get('model')!r}, whose VAE/text encoder "
-           f"differ from --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}")
-    if not args.allow_cache_model_mismatch:
-        raise UserError(msg + "; rebuild the cache, or pass --allow_cache_model_mismatch")
-    log("warning: " + msg)
 
 
 def _dev(device: torch.device) -> str:
@@ -250,14 +213,13 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
         dataset = CachedPairDataset(args.latent_cache)
         collate = collate_cached
         meta = dataset.meta
-        _check_cache_model(args, meta, log)
-        _check_cache_shapes(args.latent_cache, dataset, unet)
+        check_cache_fits(args, meta, dataset, unet, log)
         args.resolution = meta.get("resolution", args.resolution)  # what the latents were made at
         flip_record = {k: meta[k] for k in ("flip_ratio", "flip_seed", "flipped_pairs", "flipped_rows")}
         data_stats = {k: meta[k] for k in ("num_rows", "num_ties", "num_corrupt", "num_pairs")}
     else:
         if not args.dataset_name:
-            raise SystemExit("adpo-train: give --dataset_name or --latent_cache")
+            raise UserError("give --dataset_name or --latent_cache")
         pairs = PickAPicPairs(args.dataset_name, args.dataset_split_name, args.flip_ratio, args.flip_seed,
                               args.max_train_samples)
         vae = load_vae(args.pretrained_model_name_or_path, args.variant,
@@ -307,7 +269,7 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
     if accelerator.distributed_type == DistributedType.FSDP:
         # FSDP shards parameters into DTensors: the in-place EMA swaps, the LoRA/EMA checkpoint files and
         # the final LoRA export would need gathered (full_tensor) copies on every rank. Not implemented.
-        raise SystemExit("adpo-train: FSDP is not supported yet (see docs/trainer.md, 'At scale'); use DDP or "
+        raise UserError("FSDP is not supported yet (see docs/trainer.md, 'At scale'); use DDP or "
                          "DeepSpeed ZeRO-2 (docs/accelerate/deepspeed_zero2.yaml): both keep whole parameters "
                          "on every GPU, which the EMA swaps and the LoRA export rely on")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -395,12 +357,12 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
     use_tb = _trackers(args, accelerator, log)
     with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:
         json.dump({"args": {k: v for k, v in vars(args).items() if k != "loss_config"},
-                   "beta": cfg.beta, "beta_convention": _beta_note(args, cfg),
+                   "beta": cfg.beta, "beta_convention": beta_note(args),
                    "loss_config": dataclasses.asdict(cfg), "data": data_stats,
                    "lora_parameters": sum(p.numel() for p in lora_params)}, f, indent=1, default=str)
     log(f"adpo-train: {len(dataset)} pairs, {batches_per_epoch} batches/epoch of {args.train_batch_size} pairs, "
         f"{args.max_train_steps} steps, {'Adaptive-DPO' if cfg.adaptive else 'Diffusion-DPO'} "
-        f"beta={cfg.beta:g} ({_beta_note(args, cfg)}), {len(args.ema_decays)} EMA annotator(s), "
+        f"beta={cfg.beta:g} ({beta_note(args)}), {len(args.ema_decays)} EMA annotator(s), "
         + ("full fine-tune" if args.full_finetune else f"LoRA r={args.rank}")
         + f" ({sum(p.numel() for p in lora_params):,} params), {scheduler.config.prediction_type}, device {device}"
         + (f" x {world} processes" if world > 1 else ""))

@@ -347,14 +347,14 @@ def test_cache_of_another_shape_is_refused_even_when_a_mismatch_is_allowed():
     from types import SimpleNamespace
 
     from adpo_train.errors import UserError
-    from adpo_train.trainer import _check_cache_shapes
+    from adpo_train.cache import _check_shapes
 
     item = {"latents": torch.zeros(2, 4, 8, 8), "text": torch.zeros(16, 64)}  # an SDXL-style cache
     unet = SimpleNamespace(config=SimpleNamespace(in_channels=4, cross_attention_dim=32))
     with pytest.raises(UserError, match="text width 64.*text width 32"):
-        _check_cache_shapes("c", [item], unet)
+        _check_shapes("c", [item], unet)
     unet.config.cross_attention_dim = 64
-    _check_cache_shapes("c", [item], unet)
+    _check_shapes("c", [item], unet)
 
 
 def test_revision_and_cache_dir_find_a_repo_in_the_local_hf_cache(tmp_path):
