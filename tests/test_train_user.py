@@ -126,14 +126,18 @@ def test_cache_train_sigint_resume_load_lora_generate(tmp_path, capsys, monkeypa
     fused = pipe.unet.state_dict()
     pairs = _lora_pairs(lora)
     assert len(pairs) > 0
+    eps = torch.finfo(torch.float32).eps
     worst = 0.0
     for mod, (A, B) in pairs.items():
         name = mod.removeprefix("unet.") + ".weight"
-        delta = (fused[name.replace(".weight", ".base_layer.weight")] - base[name]).double()
-        want = (ALPHA / RANK) * (B.double() @ A.double())
+        w = base[name].double()
+        delta = fused[name.replace(".weight", ".base_layer.weight")].double() - w
+        want = (ALPHA / RANK) * (B.double() @ A.double())  # float64
         assert want.abs().max() > 0, mod
-        worst = max(worst, ((delta - want).abs().max() / want.abs().max()).item())
-    assert worst < 1e-4, f"fused LoRA is not base + (alpha/r) B A (relative error {worst:.3g})"
+        # fp32 rounding of the fuse (B @ A, the scale, the add) and of our subtraction, element by element
+        bound = 8 * eps * (w.abs() + want.abs() + (ALPHA / RANK) * (B.double().abs() @ A.double().abs()))
+        worst = max(worst, ((delta - want).abs() / bound).max().item())
+    assert worst <= 1.0, f"fused LoRA is not base + (alpha/r) B A ({worst:.3g} x the fp32 rounding bound)"
     pipe.unfuse_lora()
     pipe.unload_lora_weights()
 
