@@ -54,7 +54,7 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def write_tokenizer(path: str, words=None) -> None:
+def write_tokenizer(path: str, words=None, max_tokens: int = MAX_TOKENS) -> None:
     """A CLIP tokenizer folder: byte-level characters plus whole-word merges for ``words``."""
     words = list(words or (list(COLORS) + list(SHAPES) + ["a", "an", "of", "photo"]))
     chars = _bytes_to_unicode()
@@ -80,13 +80,13 @@ def write_tokenizer(path: str, words=None) -> None:
     with open(os.path.join(path, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_TOKENS,
+        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": max_tokens,
                    "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
                    "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
 
 
 def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str = "epsilon",
-                         pretrain_steps: int = 0, log=None):
+                         pretrain_steps: int = 0, log=None, max_tokens: int = MAX_TOKENS):
     """``dict(unet, vae, text_encoder, tokenizer, scheduler)``, randomly initialised from ``seed``;
     ``pretrain_steps > 0``: the UNet is then pre-trained on captioned toy images (:func:`pretrain_unet`)."""
     import torch
@@ -95,7 +95,7 @@ def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str
 
     if log:
         log("toy model: building the tiny VAE (calibrated), text encoder and UNet, once (reused afterwards)")
-    write_tokenizer(tokenizer_dir)
+    write_tokenizer(tokenizer_dir, max_tokens=max_tokens)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -111,7 +111,7 @@ def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=MAX_TOKENS, layer_norm_eps=1e-5,
+        num_hidden_layers=2, max_position_embeddings=max_tokens, layer_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -222,15 +222,16 @@ def build_toy_sdxl_components(tokenizer_dir: str, seed: int = 0, prediction_type
 
 
 def build_toy_pipeline(tokenizer_dir: str, seed: int = 0, prediction_type: str = "epsilon",
-                       pretrain_steps: int = 0, log=None):
+                       pretrain_steps: int = 0, log=None, max_tokens: int = MAX_TOKENS):
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline(**build_toy_components(tokenizer_dir, seed, prediction_type, pretrain_steps, log),
+    return StableDiffusionPipeline(**build_toy_components(tokenizer_dir, seed, prediction_type, pretrain_steps, log,
+                                                          max_tokens),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def write_toy_model(path: str, seed: int = 0, prediction_type: str = "epsilon", kind: str = "sd15",
-                    pretrain_steps: int | None = None, log=None) -> str:
+                    pretrain_steps: int | None = None, log=None, max_tokens: int = MAX_TOKENS) -> str:
     """Save the toy model as a diffusers-format folder (``model_index.json``, one subfolder per part);
     the SD1.5-style UNet is pre-trained for ``pretrain_steps`` (:func:`pretrain_unet`).
     ``kind="sdxl"``: the SDXL-style toy (a ``StableDiffusionXLPipeline`` folder, random UNet)."""
@@ -248,7 +249,8 @@ def write_toy_model(path: str, seed: int = 0, prediction_type: str = "epsilon", 
         pipe = StableDiffusionXLPipeline(**build_toy_sdxl_components(os.path.join(tmp, "tokenizer"), seed,
                                                                      prediction_type))
     else:
-        pipe = build_toy_pipeline(os.path.join(tmp, "tokenizer"), seed, prediction_type, pretrain_steps, log)
+        pipe = build_toy_pipeline(os.path.join(tmp, "tokenizer"), seed, prediction_type, pretrain_steps, log,
+                                  max_tokens)
     pipe.save_pretrained(tmp, safe_serialization=True)
     os.replace(tmp, path) if not os.path.exists(path) else _replace_dir(tmp, path)
     return path

@@ -81,7 +81,11 @@ def test_cache_train_sigint_resume_load_lora_generate(tmp_path, capsys, monkeypa
 
     from adpo_train import skip
 
-    a = toy_assets()
+    from adpo_train import toy
+
+    # a diffusers pipeline folder with CLIP's real 77-token context (the shared toy uses 16)
+    model = toy.write_toy_model(str(tmp_path / "sd-tiny-77"), pretrain_steps=0, max_tokens=77)
+    a = {"model": model}
     data = _pick_a_pic_with_jpegs(tmp_path / "pick_a_pic" / "train-00000.parquet")
     data_before = _digest(data)
     cache = str(tmp_path / "cache")
@@ -89,6 +93,7 @@ def test_cache_train_sigint_resume_load_lora_generate(tmp_path, capsys, monkeypa
                           "--latent_cache", cache, "--resolution", "32", "--device", "cpu"], capsys)
     assert rc == 0, err
     assert "24 pairs" in out and "2 ties dropped, 2 corrupt pairs skipped" in out
+    assert load_file(os.path.join(cache, "shard-00000.safetensors"))["text"].shape[1] == 77
     run = tmp_path / "run"
 
     # SIGINT arrives during step 3: the run stops at the step boundary with checkpoint-3 and exit code 130
