@@ -42,8 +42,10 @@ class AdaptiveDPOConfig:
 
     Attributes:
         beta: inverse temperature on the pair logit ``z`` (this package's convention,
-            ``loss = -log sigmoid(beta * z)``; Diffusion-DPO's ``beta_dpo`` equals
-            ``2 * beta``, the Adaptive-DPO script's ``beta_dpo`` equals ``beta``).
+            ``loss = -log sigmoid(beta * z)``; diffusers' ``train_diffusion_dpo.py``
+            (SD1.5/2.x) ``beta_dpo`` equals ``beta``, its ``train_diffusion_dpo_sdxl.py``
+            ``beta_dpo`` equals ``2 * beta``, the Adaptive-DPO script's ``beta_dpo``
+            equals ``beta``).
         adaptive: score pairs with the minority metric and weight/margin/flip them.
             ``False`` is plain Diffusion-DPO: metric 0, weights 1, margin 0.
         rho: scale of the logits inside the metric's sigmoid.

@@ -7,20 +7,24 @@ concatenated), ``flipped`` ``(n,)`` and ``row`` ``(n,)`` (row in the source tabl
 models (a ``text_encoder_2`` folder) add ``pooled`` ``(n, P)`` (the second encoder's
 projected embedding) and ``time_ids`` ``(n, 2, 6)`` (per image: original size, crop
 top-left, target size), plus ``index.json`` (shards, counts of ties and corrupt pairs,
-the flip record, the model, the resolution).  The folder is written under a temporary
-name and renamed when complete.  Training from the cache never runs the VAE or the
-text encoder.
+the flip record, the model, the resolution).  The folder is written under
+``<out>.tmp`` and renamed when complete; it carries a marker file, and an existing
+non-empty folder without it is refused (:mod:`adpo_train.safedir`): the cache never
+replaces what the package did not write.  A dataset with no usable pair (all ties or all
+corrupt) is an error.  ``hflip``/``random_crop`` (diffusers' default flip, ``--random_crop``)
+are drawn once per pair (:func:`adpo_train.data.pair_augmentation`): a cache holds one view.  Training from the cache never runs the VAE or the text encoder.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import torch
 
-from .data import CACHE_INDEX, PickAPicPairs, decode_image
+from . import safedir
+from .data import CACHE_INDEX, PickAPicPairs, decode_image, pair_augmentation
+from .errors import UserError
 
 
 @torch.no_grad()
@@ -29,31 +33,33 @@ def encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``(n, 2, 3, R, R)`` pixels -> ``(n, 2, C, h, w)`` scaled latent samples."""
+def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator, chunk: int | None = None) -> torch.Tensor:
+    """``(n, 2, 3, R, R)`` pixels -> ``(n, 2, C, h, w)`` scaled latent samples, ``chunk`` images per VAE
+    call (``--vae_encode_batch_size``)."""
     n = pixels.shape[0]
     flat = pixels.reshape(n * 2, *pixels.shape[2:]).to(vae.device, vae.dtype)
-    lat = vae.encode(flat).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+    chunk = chunk or flat.shape[0]
+    lat = torch.cat([vae.encode(flat[i:i + chunk]).latent_dist.sample(generator=generator)
+                     for i in range(0, flat.shape[0], chunk)]) * vae.config.scaling_factor
     return lat.reshape(n, 2, *lat.shape[1:])
 
 
 def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str = "train", resolution: int = 512,
                 batch_size: int = 8, shard_size: int = 1024, flip_ratio: float = 0.0, flip_seed: int = 0,
                 max_pairs=None, seed: int = 0, dtype: str = "float32", device: str | None = None,
-                variant=None, log=print) -> dict:
+                variant=None, log=print, hflip: bool = False, random_crop: bool = False, vae_path=None) -> dict:
     from safetensors.torch import save_file
 
-    from .models import load_text_encoders, load_vae, time_ids
+    from .models import encoder_fingerprint, load_text_encoders, load_vae, time_ids
 
+    safedir.check_replaceable(out_dir, "--latent_cache")  # refuse before any slow loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     store_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    vae = load_vae(model_path, variant).to(device)
+    vae = load_vae(model_path, variant, vae_path).to(device)
     encoders = load_text_encoders(model_path, variant).to(device)
     pairs = PickAPicPairs(dataset_path, split, flip_ratio, flip_seed, max_pairs)
     gen = torch.Generator(device=device).manual_seed(seed)
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = safedir.begin(out_dir, "--latent_cache", "latent cache")
     shards, buf, num_corrupt, t0 = [], [], 0, time.time()
     kept_rows, kept_flipped = [], []
 
@@ -84,7 +90,8 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
 
     for i in range(len(pairs)):
         r = pairs.raw(i)
-        (w, wm), (l, lm) = (decode_image(r[k], resolution, with_meta=True) for k in ("winner", "loser"))
+        aug = pair_augmentation(seed, i, hflip, random_crop)  # one view per pair, fixed at cache time
+        (w, wm), (l, lm) = (decode_image(r[k], resolution, with_meta=True, **aug) for k in ("winner", "loser"))
         if w is None or l is None:
             num_corrupt += 1
             continue
@@ -105,20 +112,63 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
         meta_acc.extend((b[2], b[3]) for b in buf)
         kept_rows.extend(b[2] for b in buf), kept_flipped.extend(b[3] for b in buf)
     write_shard()
+    if not shards:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)  # ours (begin() made it): leave no half-built folder
+        raise UserError(f"--dataset_name: no usable pair in {dataset_path!r} ({pairs.num_rows} rows: "
+                        f"{pairs.num_ties} ties, {num_corrupt} pairs with an undecodable image)")
     meta = {"format": "adpo-train latent cache v1", "model": os.path.abspath(model_path),
+            "model_fingerprint": encoder_fingerprint(model_path, vae_path),
             "dataset": os.path.abspath(dataset_path), "split": split, "resolution": resolution,
             "scaling_factor": float(vae.config.scaling_factor), "dtype": dtype, "seed": seed,
             "num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": num_corrupt,
             "num_pairs": sum(s["num_pairs"] for s in shards), "shards": shards, "sdxl": encoders.sdxl,
-            "flip_ratio": flip_ratio, "flip_seed": flip_seed,
+            "flip_ratio": flip_ratio, "flip_seed": flip_seed, "hflip": hflip, "random_crop": random_crop,
             "flipped_pairs": [k for k, f in enumerate(kept_flipped) if f],
             "flipped_rows": [r for r, f in zip(kept_rows, kept_flipped) if f]}
     with open(os.path.join(tmp, CACHE_INDEX), "w") as f:
         json.dump(meta, f)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    safedir.commit(tmp, out_dir)
     log(f"cache: {meta['num_pairs']} pairs in {len(shards)} shard(s) at {out_dir} "
         f"({pairs.num_ties} ties dropped, {num_corrupt} corrupt pairs skipped, "
         f"{len(meta['flipped_pairs'])} flipped) in {time.time() - t0:.1f}s")
     return meta
+
+
+def check_cache_fits(args, meta: dict, dataset, unet, log=print) -> None:
+    """Training from a cache: it must come from the run's VAE and text encoder(s) (the fingerprint in
+    ``index.json``; ``--allow_cache_model_mismatch`` lets a mismatch through with a warning) and its
+    shapes must fit the UNet (always)."""
+    _check_model(args, meta, log)
+    _check_shapes(args.latent_cache, dataset, unet)
+
+
+def _check_shapes(path: str, dataset, unet) -> None:
+    """Latent channels and text width must be what the UNet takes (even with a mismatch allowed)."""
+    if len(dataset) == 0:
+        raise UserError(f"--latent_cache {path!r} holds no pairs")
+    item = dataset[0]
+    have = (item["latents"].shape[1], item["text"].shape[-1])
+    cad = unet.config.cross_attention_dim
+    want = (unet.config.in_channels, cad if isinstance(cad, int) else have[1])  # per-block widths: not checked
+    if have != want:
+        raise UserError(f"--latent_cache {path!r}: latents with {have[0]} channels and text width {have[1]}, but "
+                        f"the UNet takes {want[0]} channels and text width {want[1]}: a cache of another model")
+
+
+def _check_model(args, meta: dict, log) -> None:
+    """A latent cache only fits the VAE and text encoder(s) it was built with."""
+    from .models import encoder_fingerprint
+
+    if not args.pretrained_model_name_or_path:
+        return
+    want = encoder_fingerprint(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path)
+    have = meta.get("model_fingerprint")
+    if have is None or have == want:
+        return
+    msg = (f"--latent_cache {args.latent_cache!r} was built with {meta.get('model')!r}, whose VAE/text encoder "
+           f"differ from --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}")
+    if not args.allow_cache_model_mismatch:
+        raise UserError(msg + "; rebuild the cache, or pass --allow_cache_model_mismatch")
+    log("warning: " + msg)

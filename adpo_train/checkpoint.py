@@ -16,6 +16,8 @@ import re
 import shutil
 from typing import Callable, Optional
 
+from .errors import MissingInput, UserError
+
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -42,8 +44,45 @@ def resolve(output_dir: str, spec: Optional[str]) -> Optional[str]:
         return found[-1][1] if found else None
     path = spec if os.path.isdir(spec) else os.path.join(output_dir, spec)
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise FileNotFoundError(f"--resume_from_checkpoint: {spec!r} is not a complete checkpoint")
+        raise MissingInput(f"--resume_from_checkpoint: {spec!r} is not a complete checkpoint (a folder with "
+                           f"{STATE_FILE}; 'latest' picks the newest in --output_dir)")
     return path
+
+
+# What a run writes into OUTPUT_DIR (besides checkpoints): replaced by --overwrite_output_dir, nothing else is.
+RUN_FILES = ("metrics.jsonl", "pairs.jsonl", "train_config.json", "pytorch_lora_weights.safetensors",
+             "ema_annotators.safetensors", "flipped_pairs.json", "training_curves.png")
+RUN_DIRS = ("unet", "validation", "latent_cache")
+
+
+def run_outputs(output_dir: str, logging_dir: str = "logs") -> list[str]:
+    """Names in ``output_dir`` that a previous run wrote."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = set(RUN_FILES) | set(RUN_DIRS) | {logging_dir}
+    return sorted(n for n in os.listdir(output_dir)
+                  if n in names or _NAME.match(n) or n.startswith(".tmp-checkpoint-"))
+
+
+def check_output_dir(output_dir: str, resuming: bool, overwrite: bool, logging_dir: str = "logs",
+                     remove: bool = True) -> None:
+    """Refuse a fresh run into a folder holding another run, unless ``--overwrite_output_dir``
+    (then that run's outputs are removed, nothing else; only where ``remove``: the main process)
+    or a resume was asked for."""
+    if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output_dir: {output_dir!r} exists and is not a folder")
+    found = run_outputs(output_dir, logging_dir)
+    if not found or resuming:
+        return
+    if not overwrite:
+        raise UserError(f"--output_dir: {output_dir!r} holds another run ({', '.join(found[:4])}"
+                        f"{', ...' if len(found) > 4 else ''}); resume it with --resume_from_checkpoint latest, "
+                        f"or pass --overwrite_output_dir to replace it")
+    for name in found if remove else ():
+        if name == "latent_cache":  # may be reused by --cache_latents; build_cache replaces it safely
+            continue
+        path = os.path.join(output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
 
 def _fsync_dir(path: str) -> None:

@@ -3,11 +3,16 @@
 
 Flags keep the names of diffusers' ``examples/research_projects/diffusion_dpo/
 train_diffusion_dpo.py`` where they overlap, so a user of that script can switch by
-changing the program name.  Beta convention: ``--beta_dpo`` means what it means in
-that script (``loss = -log sigmoid(-0.5 * beta_dpo * (model_diff - ref_diff))``), i.e.
-this package's ``beta = beta_dpo / 2``; ``--beta`` sets this package's beta directly,
-which is what the Adaptive-DPO reference script calls ``beta_dpo``.  Both default to the
-same loss (``beta = 2500``).
+changing the program name; every flag of ``train_diffusion_dpo.py`` and
+``train_diffusion_dpo_sdxl.py`` is accepted or refused with its reason
+(:mod:`adpo_train.compat`).  Beta convention: ``--beta_dpo`` means what it means in the
+script for that model family: SD1.5/2.x ``beta = beta_dpo``; SDXL ``beta = beta_dpo / 2``
+(its ``-0.5 * beta_dpo`` factor).  ``--beta`` sets this package's beta directly, which is
+what the Adaptive-DPO reference script calls ``beta_dpo``.  The effective beta is printed
+and recorded in ``train_config.json``.
+
+User errors print one or two lines and exit 2 (``--debug`` or ``ADPO_TRAIN_DEBUG=1``: the
+traceback); see :mod:`adpo_train.errors` for every exit code.
 
 Options left unset are filled in layers: explicit flag > ``--preset`` > toy defaults
 (when no model is given) > general defaults.
@@ -15,8 +20,12 @@ Options left unset are filled in layers: explicit flag > ``--preset`` > toy defa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
+
+from . import compat
+from .errors import Interrupted, UserError, debug_enabled
 
 # General defaults (diffusers' script's where it has one; loss options come from AdaptiveDPOConfig).
 DEFAULTS = dict(
@@ -25,7 +34,8 @@ DEFAULTS = dict(
     adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0,
     rank=8, lora_alpha=None, lora_target_modules="to_q,to_k,to_v,to_out.0", lora_init="gaussian",
     mixed_precision="no", gradient_checkpointing=False, checkpointing_steps=500, checkpoints_total_limit=None,
-    output_dir="outputs/adpo-train", seed=0, report_to="tensorboard", logging_steps=10,
+    output_dir="outputs/adpo-train", seed=0, report_to="tensorboard", logging_steps=10, overwrite_output_dir=False,
+    no_hflip=False, random_crop=False, lr_num_cycles=1, lr_power=1.0,
     ema_decays=[0.9999, 0.5], ema_warmup_steps=2, flip_ratio=0.0, flip_seed=0,
 )
 # The built-in toy (no --pretrained_model_name_or_path): ~1.5 minutes on a 2-core CPU, toy build included.
@@ -35,6 +45,8 @@ TOY_DEFAULTS = dict(
     resolution=16, train_batch_size=8, max_train_steps=150, learning_rate=1e-3, rank=4,
     checkpointing_steps=75, checkpoints_total_limit=1, output_dir="outputs/adpo-toy", logging_steps=5,
     flip_ratio=0.2, report_to="jsonl", ema_decays=[0.99, 0.5], cpu_threads=1,
+    no_hflip=True,  # the toy's pre-training and defaults were tuned on unflipped images
+    overwrite_output_dir=True,  # the demo's own folder (outputs/adpo-toy): a second demo run replaces the first
 )
 # The toy's loss: the paper's metric settings with a beta fitted to the toy's logit scale.
 TOY_LOSS = dict(beta=500.0, rho=15.0, logits_normalize=True, margin_type="quadratic")
@@ -59,6 +71,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data (names as in diffusers' train_diffusion_dpo.py)")
     g.add_argument("--pretrained_model_name_or_path", help="local diffusers-format folder (default: the built-in toy)")
     g.add_argument("--variant", help="weights variant, e.g. fp16")
+    g.add_argument("--revision", help="with a hub repo id: that revision's snapshot in the local Hugging Face "
+                   "cache (nothing is downloaded)")
+    g.add_argument("--cache_dir", help="the Hugging Face cache folder to look the repo id up in "
+                   "(default: HF_HUB_CACHE)")
+    g.add_argument("--pretrained_vae_model_name_or_path", help="a local AutoencoderKL folder to use instead of "
+                   "the model's vae/ (e.g. an fp16-safe SDXL VAE)")
+    g.add_argument("--allow_cache_model_mismatch", action="store_true", help="train from a --latent_cache built "
+                   "with another VAE/text encoder than --pretrained_model_name_or_path's")
     g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"],
                    help="override the scheduler's prediction type")
     g.add_argument("--dataset_name", help="local Pick-a-Pic-schema parquet/arrow file or folder, or a "
@@ -69,6 +89,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="build a latent cache of --dataset_name in OUTPUT_DIR/latent_cache first, then train from it")
     g.add_argument("--max_train_samples", type=int, help="use only the first N kept pairs")
     g.add_argument("--resolution", type=int)
+    g.add_argument("--vae_encode_batch_size", type=int, default=8, help="images per VAE encode call")
+    g.add_argument("--no_hflip", action="store_true", default=None, help="no random horizontal flip (diffusers "
+                   "flips winner and loser together by default; a latent cache stores one view per pair)")
+    g.add_argument("--random_crop", action="store_true", default=None,
+                   help="random instead of centre crop (same crop for both images of a pair)")
     g.add_argument("--flip_ratio", type=float, help="inject label flips into this fraction of the pairs "
                    "(recorded in OUTPUT_DIR/flipped_pairs.json)")
     g.add_argument("--flip_seed", type=int)
@@ -102,6 +127,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_scheduler", choices=["linear", "cosine", "cosine_with_restarts", "polynomial",
                                               "constant", "constant_with_warmup"])
     g.add_argument("--lr_warmup_steps", type=int)
+    g.add_argument("--lr_num_cycles", type=int, help="hard restarts of cosine_with_restarts (default 1)")
+    g.add_argument("--lr_power", type=float, help="power of the polynomial schedule (default 1.0)")
     g.add_argument("--adam_beta1", type=float)
     g.add_argument("--adam_beta2", type=float)
     g.add_argument("--adam_weight_decay", type=float)
@@ -122,10 +149,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", choices=["paper", "dpo", "none"], default="none",
                    help="paper: AdaptiveDPOConfig.paper() and the paper's trainer settings; dpo: plain Diffusion-DPO")
     beta = g.add_mutually_exclusive_group()
-    beta.add_argument("--beta_dpo", type=float, help="diffusers convention: beta = beta_dpo / 2")
+    beta.add_argument("--beta_dpo", type=float, help="diffusers' meaning for the model family: SD1.5/2.x "
+                      "beta = beta_dpo (train_diffusion_dpo.py), SDXL beta = beta_dpo / 2 (its _sdxl script)")
     beta.add_argument("--beta", type=float, help="this package's beta (= the Adaptive-DPO script's beta_dpo)")
     g.add_argument("--adaptive", action=b, help="Adaptive-DPO (default) or plain Diffusion-DPO")
-    g.add_argument("--loss_type", choices=["sigmoid", "ipo", "hinge", "robust", "conservative"])
+    g.add_argument("--loss_type", choices=["sigmoid", "ipo", "hinge", "robust", "conservative", "cpo"])
     g.add_argument("--rho", type=float)
     g.add_argument("--weight_type", choices=["linear", "quadratic", "sqrt", "exp"])
     g.add_argument("--tau", type=float)
@@ -145,18 +173,34 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--output_dir")
+    g.add_argument("--overwrite_output_dir", action="store_true", default=None, help="start a fresh run in an "
+                   "OUTPUT_DIR that holds another run's outputs (they are removed; other files are kept)")
+    g.add_argument("--logging_dir", default="logs", help="tracker logs, relative to OUTPUT_DIR (as diffusers)")
+    g.add_argument("--tracker_name", default="adpo-train", help="project name given to the trackers")
     g.add_argument("--checkpointing_steps", type=int)
     g.add_argument("--checkpoints_total_limit", type=int)
     g.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
     g.add_argument("--stop_after_steps", type=int, help="checkpoint and exit after this many optimisation "
                    "steps, as if preempted (resume with --resume_from_checkpoint latest)")
-    g.add_argument("--report_to", choices=["tensorboard", "jsonl", "none", "all"],
-                   help="metrics.jsonl is always written; tensorboard too when it is installed")
+    g.add_argument("--report_to", help="tensorboard (default; skipped quietly when not installed), wandb, "
+                   "comet_ml, a comma list, all, jsonl or none: metrics.jsonl is always written")
     g.add_argument("--logging_steps", type=int, help="host sync + log every N optimisation steps")
     g.add_argument("--dump_pairs", action="store_true",
                    help="write pairs.jsonl: step, pair, logit, metric, weight, flipped for every pair")
     g.add_argument("--no_plot", action="store_true")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--debug", action="store_true", help="show the traceback of user errors")
+
+    g = p.add_argument_group("validation images (as diffusers' --run_validation)")
+    g.add_argument("--run_validation", action="store_true", help="generate images of the validation prompts "
+                   "with the current LoRA every --validation_steps and at the end: OUTPUT_DIR/validation/"
+                   "step-N.png (one grid) and the trackers")
+    g.add_argument("--validation_steps", type=int, default=200)
+    g.add_argument("--validation_prompts", nargs="+", help="default: diffusers' four DPO validation prompts")
+    g.add_argument("--validation_inference_steps", type=int, default=25)
+    g.add_argument("--validation_guidance_scale", type=float, default=7.5)
+    g.add_argument("--validation_resolution", type=int, help="default: --resolution")
+    compat.add_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +219,8 @@ def build_cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_split_name", default="train")
     p.add_argument("--latent_cache", required=True, help="output folder")
     p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=8, help="pairs per VAE/text encoder call")
+    p.add_argument("--vae_encode_batch_size", type=int, help="same as --batch_size (diffusers' name)")
     p.add_argument("--shard_size", type=int, default=1024, help="pairs per shard")
     p.add_argument("--max_train_samples", type=int)
     p.add_argument("--flip_ratio", type=float, default=0.0)
@@ -183,6 +228,12 @@ def build_cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the VAE latent sampling")
     p.add_argument("--cache_dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--device")
+    p.add_argument("--pretrained_vae_model_name_or_path", help="a local AutoencoderKL folder instead of vae/")
+    p.add_argument("--revision", help="with a hub repo id: that revision in the local Hugging Face cache")
+    p.add_argument("--cache_dir", help="the Hugging Face cache folder (default: HF_HUB_CACHE)")
+    p.add_argument("--no_hflip", action="store_true", help="no horizontal flip (default: a seeded flip of half "
+                   "the pairs, winner and loser together, as diffusers' scripts)")
+    p.add_argument("--random_crop", action="store_true")
     return p
 
 
@@ -190,16 +241,27 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset options (explicit > preset > toy > defaults) and attach ``args.loss_config``."""
     import adpo_kernels as ak
 
+    compat.check(args)
+    from .models import locate_model
+
+    if args.pretrained_model_name_or_path:
+        args.pretrained_model_name_or_path = locate_model(args.pretrained_model_name_or_path, args.revision,
+                                                          args.cache_dir)
+    elif args.revision:
+        raise UserError("--revision needs --pretrained_model_name_or_path (a hub repo id in the local cache)")
+    if args.pretrained_vae_model_name_or_path:
+        args.pretrained_vae_model_name_or_path = locate_model(args.pretrained_vae_model_name_or_path, None,
+                                                              args.cache_dir, "--pretrained_vae_model_name_or_path")
     args.toy = args.pretrained_model_name_or_path is None and args.unet_config is None
     if args.unet_config and not (args.dataset_name or args.latent_cache) and args.synthetic_pairs is None:
         args.synthetic_pairs = 256
     if args.synthetic_pairs and args.unet_config is None:
-        raise SystemExit("adpo-train: --synthetic_pairs needs --unet_config")
+        raise UserError("--synthetic_pairs needs --unet_config")
     if args.unet_config and not args.synthetic_pairs and args.pretrained_model_name_or_path is None:
-        raise SystemExit("adpo-train: --unet_config with data needs --pretrained_model_name_or_path for the "
+        raise UserError("--unet_config with data needs --pretrained_model_name_or_path for the "
                          "scheduler/VAE/text encoders (or use --synthetic_pairs)")
     if args.toy and (args.dataset_name or args.latent_cache):
-        raise SystemExit("adpo-train: --dataset_name/--latent_cache need --pretrained_model_name_or_path "
+        raise UserError("--dataset_name/--latent_cache need --pretrained_model_name_or_path "
                          "(the toy set only fits the toy model)")
     layers = [DEFAULTS]
     if args.toy:
@@ -220,8 +282,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         flag = LOSS_FLAG.get(field, field)
         if getattr(args, flag, None) is not None:
             loss_explicit[field] = getattr(args, flag)
+    args.sdxl = model_is_sdxl(args)
     if args.beta_dpo is not None:
-        loss_explicit["beta"] = args.beta_dpo / 2.0
+        loss_explicit["beta"] = compat.beta_from_beta_dpo(args.beta_dpo, args.sdxl)
     if loss_explicit.get("margin_type") == "none":
         loss_explicit["margin_type"] = None
     for key, value in merged.items():
@@ -241,8 +304,40 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def model_is_sdxl(args: argparse.Namespace) -> bool:
+    """Whether the run trains an SDXL-style UNet (two text encoders): decides ``--beta_dpo``'s meaning."""
+    from .models import is_sdxl_folder, unet_config
+
+    if args.unet_config:
+        try:
+            return unet_config(args.unet_config).get("addition_embed_type") == "text_time"
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    path = args.pretrained_model_name_or_path
+    return bool(path) and os.path.isdir(path) and is_sdxl_folder(path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``adpo-train`` command; returns the exit code (:mod:`adpo_train.errors`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled(argv)
+    try:
+        return _main([a for a in argv if a != "--debug"])
+    except (UserError, Interrupted) as e:
+        if debug:
+            raise
+        print(f"adpo-train: {'error: ' if isinstance(e, UserError) else ''}{e}", file=sys.stderr)
+        if isinstance(e, UserError) and not isinstance(e, Interrupted):
+            print("adpo-train: (--debug or ADPO_TRAIN_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a Ctrl-C outside the training loop (loading, caching): nothing to save
+        if debug:
+            raise
+        print("adpo-train: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list) -> int:
     cmd = argv[0] if argv and not argv[0].startswith("-") else "train"
     rest = argv[1:] if argv and not argv[0].startswith("-") else argv
     if cmd == "train":
@@ -254,10 +349,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .cache import build_cache
 
         a = build_cache_parser().parse_args(rest)
+        if a.vae_encode_batch_size:
+            a.batch_size = a.vae_encode_batch_size
+        from .models import locate_model
+
+        a.pretrained_model_name_or_path = locate_model(a.pretrained_model_name_or_path, a.revision, a.cache_dir)
         build_cache(a.pretrained_model_name_or_path, a.dataset_name, a.latent_cache, split=a.dataset_split_name,
                     resolution=a.resolution, batch_size=a.batch_size, shard_size=a.shard_size,
                     flip_ratio=a.flip_ratio, flip_seed=a.flip_seed, max_pairs=a.max_train_samples, seed=a.seed,
-                    dtype=a.cache_dtype, device=a.device, variant=a.variant)
+                    dtype=a.cache_dtype, device=a.device, variant=a.variant, hflip=not a.no_hflip,
+                    random_crop=a.random_crop, vae_path=a.pretrained_vae_model_name_or_path)
         return 0
     if cmd == "make-toy":
         import os
@@ -276,12 +377,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if cmd == "experiment":
         if not rest:
-            raise SystemExit("usage: adpo-train experiment label-flip [args]")
+            raise UserError("usage: adpo-train experiment label-flip [args]")
         name, exp_args = rest[0], rest[1:]
         if name != "label-flip":
-            raise SystemExit(f"adpo-train experiment: unknown experiment {name!r} (known: label-flip)")
+            raise UserError(f"adpo-train experiment: unknown experiment {name!r} (known: label-flip)")
         from .experiments.label_flip import main as label_flip_main
 
         result = label_flip_main(exp_args)
         return int(result or 0)
-    raise SystemExit(f"adpo-train: unknown command {cmd!r} (train, cache, make-toy, experiment)")
+    raise UserError(f"unknown command {cmd!r} (train, cache, make-toy, experiment)")

@@ -22,6 +22,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from .errors import MissingInput, UserError
+
 REQUIRED_COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
 
 
@@ -53,7 +55,7 @@ def open_table(path: str, split: str = "train"):
     import pyarrow as pa
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--dataset_name: {path!r} does not exist (local parquet/arrow files or a "
+        raise MissingInput(f"--dataset_name: {path!r} does not exist (local parquet/arrow files or a "
                                 f"datasets.save_to_disk folder are expected; nothing is downloaded)")
     if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
                                    for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
@@ -62,7 +64,7 @@ def open_table(path: str, split: str = "train"):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise KeyError(f"--dataset_split_name: {split!r} not in {list(ds)}")
+                raise UserError(f"--dataset_split_name: {split!r} not in {list(ds)}")
             ds = ds[split]
         if getattr(ds, "_indices", None) is not None:
             ds = ds.flatten_indices()
@@ -70,11 +72,11 @@ def open_table(path: str, split: str = "train"):
     else:
         files = _arrow_files(path, split)
         if not files:
-            raise FileNotFoundError(f"--dataset_name: no .parquet or .arrow files under {path!r}")
+            raise MissingInput(f"--dataset_name: no .parquet or .arrow files under {path!r}")
         table = pa.concat_tables([_read_arrow(f) for f in files])
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"dataset {path!r}: missing Pick-a-Pic columns {missing} (has {table.column_names})")
+        raise UserError(f"--dataset_name {path!r}: missing Pick-a-Pic columns {missing} (has {table.column_names})")
     return table
 
 
@@ -90,11 +92,24 @@ def _image_bytes(value) -> Optional[bytes]:
     return None
 
 
-def decode_image(value, resolution: int, with_meta: bool = False):
+def pair_augmentation(seed: int, index: int, hflip: bool, random_crop: bool) -> dict:
+    """The crop and flip of pair ``index`` (diffusers' ``--random_crop`` and default horizontal flip, which
+    its scripts apply to winner and loser together): a pure function of ``(seed, index)``, so a run, its
+    resume and a latent cache agree.  ``crop``: fractions of the free room (None: centre crop)."""
+    if not (hflip or random_crop):
+        return {"flip": False, "crop": None}
+    rng = np.random.default_rng([seed, index])
+    crop = (float(rng.random()), float(rng.random()))
+    return {"flip": bool(hflip and rng.random() < 0.5), "crop": crop if random_crop else None}
+
+
+def decode_image(value, resolution: int, with_meta: bool = False, flip: bool = False, crop=None):
     """``(3, R, R)`` float in [-1, 1] (shorter side resized to R, centre crop), or None if undecodable.
 
-    ``with_meta``: ``(pixels, ((orig_h, orig_w), (crop_top, crop_left)))``, the SDXL micro-conditioning
-    of the image (crop offsets in the resized image, as diffusers' SDXL training scripts record them).
+    ``crop``: ``(fx, fy)`` in [0, 1): a crop at that fraction of the free room instead of the centre;
+    ``flip``: mirror left-right after the crop.  ``with_meta``: ``(pixels, ((orig_h, orig_w),
+    (crop_top, crop_left)))``, the SDXL micro-conditioning of the image (crop offsets in the resized
+    image, as diffusers' SDXL training scripts record them).
     """
     from PIL import Image
 
@@ -109,7 +124,11 @@ def decode_image(value, resolution: int, with_meta: bool = False):
             img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
             w, h = img.size
             left, top = (w - resolution) // 2, (h - resolution) // 2
+            if crop is not None:
+                left, top = int(crop[0] * (w - resolution + 1)), int(crop[1] * (h - resolution + 1))
             img = img.crop((left, top, left + resolution, top + resolution))
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
         arr = np.asarray(img, dtype=np.float32)
     except Exception:  # noqa: BLE001 - a corrupt image must never stop training
         return (None, None) if with_meta else None
@@ -136,7 +155,7 @@ class PickAPicPairs:
             self.rows = self.rows[:max_pairs]
         self.first_wins = labels[self.rows] > 0.5
         if not 0.0 <= flip_ratio <= 1.0:
-            raise ValueError(f"--flip_ratio: expected a number in [0, 1], got {flip_ratio}")
+            raise UserError(f"--flip_ratio: expected a number in [0, 1], got {flip_ratio}")
         self.flipped = np.zeros(len(self.rows), dtype=bool)
         n_flip = int(round(flip_ratio * len(self.rows)))
         if n_flip:
@@ -174,8 +193,10 @@ class ImagePairDataset(torch.utils.data.Dataset):
     tokenizers' ids and per-image ``time_ids`` ``(2, 6)``).
     """
 
-    def __init__(self, pairs: PickAPicPairs, tokenizer, resolution: int):
+    def __init__(self, pairs: PickAPicPairs, tokenizer, resolution: int, hflip: bool = False,
+                 random_crop: bool = False, seed: int = 0):
         self.pairs, self.tokenizer, self.resolution = pairs, tokenizer, resolution
+        self.hflip, self.random_crop, self.seed = hflip, random_crop, seed
         self.sdxl = bool(getattr(tokenizer, "sdxl", False))
 
     def __len__(self) -> int:
@@ -185,7 +206,8 @@ class ImagePairDataset(torch.utils.data.Dataset):
         from .models import time_ids
 
         r = self.pairs.raw(i)
-        (w, wm), (l, lm) = (decode_image(r[k], self.resolution, with_meta=True) for k in ("winner", "loser"))
+        aug = pair_augmentation(self.seed, i, self.hflip, self.random_crop)
+        (w, wm), (l, lm) = (decode_image(r[k], self.resolution, with_meta=True, **aug) for k in ("winner", "loser"))
         pixels = None if w is None or l is None else torch.stack([w, l])
         if hasattr(self.tokenizer, "tok1"):  # TextEncoders
             item = {k: v[0] for k, v in self.tokenizer.tokenize([r["caption"]]).items()}
@@ -224,7 +246,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
     def __init__(self, cache_dir: str):
         path = os.path.join(cache_dir, CACHE_INDEX)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--latent_cache: {cache_dir!r} has no {CACHE_INDEX} (build it with "
+            raise MissingInput(f"--latent_cache: {cache_dir!r} has no {CACHE_INDEX} (build it with "
                                     f"`adpo-train cache`)")
         with open(path) as f:
             self.meta = json.load(f)
@@ -287,7 +309,8 @@ class PairBatchSampler(torch.utils.data.Sampler):
                  world: int = 1):
         self.n, self.bs, self.seed, self.shuffle, self.rank, self.world = num_pairs, batch_size, seed, shuffle, rank, world
         if self.num_batches() == 0:
-            raise ValueError(f"{num_pairs} pairs are fewer than one batch of {batch_size * world}")
+            raise UserError(f"{num_pairs} usable pairs are fewer than one batch of {batch_size * world} "
+                            f"(--train_batch_size {batch_size} x {world} processes): nothing to train on")
         self.epoch, self.start = 0, 0
 
     def num_batches(self) -> int:

@@ -15,8 +15,10 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def check_local_model(path: str) -> str:
+    from .errors import MissingInput
+
     if not os.path.isdir(path) or not os.path.isdir(os.path.join(path, "unet")):
-        raise FileNotFoundError(
+        raise MissingInput(
             f"--pretrained_model_name_or_path: expected a local diffusers-format folder with unet/, vae/, "
             f"text_encoder/, tokenizer/ and scheduler/ subfolders, got {path!r}. This trainer never downloads; "
             f"fetch the model first (e.g. `huggingface-cli download <repo> --local-dir DIR`).")
@@ -55,9 +57,19 @@ def load_encoders(path: str, variant: Optional[str] = None):
     return vae, text_encoder, tokenizer
 
 
-def load_vae(path: str, variant: Optional[str] = None):
+def load_vae(path: str, variant: Optional[str] = None, vae_path: Optional[str] = None):
+    """The model folder's ``vae/``, or ``vae_path`` (``--pretrained_vae_model_name_or_path``: an
+    ``AutoencoderKL`` folder of its own, as diffusers' SDXL script loads it)."""
     from diffusers import AutoencoderKL
 
+    if vae_path:
+        from .errors import MissingInput
+
+        if not os.path.isfile(os.path.join(vae_path, "config.json")):
+            raise MissingInput(f"--pretrained_vae_model_name_or_path: {vae_path!r} is not a local AutoencoderKL "
+                               f"folder (config.json + weights); nothing is downloaded")
+        vae = AutoencoderKL.from_pretrained(vae_path, variant=variant, local_files_only=True)
+        return vae.requires_grad_(False).eval()
     vae = AutoencoderKL.from_pretrained(check_local_model(path), subfolder="vae", variant=variant,
                                         local_files_only=True, use_safetensors=True)
     return vae.requires_grad_(False).eval()
@@ -94,15 +106,54 @@ def load_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_lora_diffusers(unet, out_dir: str) -> str:
-    """Write ``pytorch_lora_weights.safetensors`` loadable by ``StableDiffusionPipeline.load_lora_weights``."""
+    """Write ``pytorch_lora_weights.safetensors`` loadable by ``StableDiffusionPipeline.load_lora_weights``
+    (or the SDXL pipeline's), with the adapter's ``lora_alpha``: the loaded LoRA adds
+    ``(alpha / r) * B @ A`` to each weight, as in training.
+
+    diffusers reads alpha from the adapter metadata stored in the safetensors header
+    (``unet_lora_adapter_metadata``, diffusers >= 0.35).  Where ``save_lora_weights`` has no such
+    argument the scale ``alpha / r`` is folded into ``B`` instead, which every loader reads as
+    alpha = r: the same weights either way.
+    """
+    import inspect
+
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = {k: v.detach().float().cpu().contiguous()
+             for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)).items()}
+    config = unet.peft_config["default"]
+    kw = {}
+    if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionLoraLoaderMixin.save_lora_weights).parameters:
+        kw["unet_lora_adapter_metadata"] = config.to_dict()
+    elif config.lora_alpha != config.r:
+        scale = config.lora_alpha / config.r
+        state = {k: v * scale if "lora_B" in k or "lora.up" in k else v for k, v in state.items()}
     StableDiffusionLoraLoaderMixin.save_lora_weights(out_dir, unet_lora_layers=state, safe_serialization=True,
-                                                     weight_name=LORA_WEIGHT_NAME)
+                                                     weight_name=LORA_WEIGHT_NAME, **kw)
     return os.path.join(out_dir, LORA_WEIGHT_NAME)
+
+
+def encoder_fingerprint(path: str, vae_path: Optional[str] = None) -> str:
+    """A short hash of the VAE and text encoder(s) of a model folder: their configs, weight file names
+    and sizes, and each weight file's first 64 KiB (the safetensors header and the first tensors).
+    A latent cache records it; training checks it against the model it is given."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for sub in ("vae", "text_encoder", "text_encoder_2"):
+        folder = vae_path if sub == "vae" and vae_path else os.path.join(path, sub)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            full = os.path.join(folder, name)
+            if not os.path.isfile(full):
+                continue
+            h.update(f"{sub}/{name}:{os.path.getsize(full)}".encode())
+            with open(full, "rb") as f:
+                h.update(f.read(1 << 16))
+    return h.hexdigest()[:16]
 
 
 # -- random-init UNets from a named or JSON config (throughput without downloading weights) --------
@@ -171,6 +222,29 @@ def text_shape(spec_or_unet) -> tuple[int, int, Optional[int]]:
     if cfg.get("addition_embed_type") == "text_time":
         pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
     return 77, cfg["cross_attention_dim"], pooled
+
+
+def locate_model(name: str, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                 flag: str = "--pretrained_model_name_or_path") -> str:
+    """A local folder as it is, or a hub repo id's snapshot already in the local Hugging Face cache
+    (``--revision``, ``--cache_dir``, as diffusers' scripts; nothing is downloaded)."""
+    from .errors import MissingInput, UserError
+
+    if os.path.isdir(name):
+        if revision:
+            raise UserError(f"--revision {revision!r} applies to a hub repo id in the local cache; {flag} "
+                            f"{name!r} is a folder")
+        return name
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        except Exception:  # noqa: BLE001 - any failure means: not in the local cache
+            pass
+    raise MissingInput(f"{flag}: {name!r} is neither a local folder nor a repo id in the local Hugging Face cache"
+                       f"{' ' + repr(cache_dir) if cache_dir else ''}. This trainer never downloads; fetch it first "
+                       f"(e.g. `huggingface-cli download {name} --local-dir DIR`).")
 
 
 def is_sdxl(unet) -> bool:

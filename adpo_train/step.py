@@ -36,7 +36,8 @@ def compile_unet(unet, backend: str = "inductor", mode: Optional[str] = None):
 
 
 def step_inputs(batch: dict, scheduler, gen: torch.Generator, device, weight_dtype, *, rank: int = 0,
-                world: int = 1, encoders=None, vae=None, vae_gen=None, channels_last: bool = False) -> dict:
+                world: int = 1, encoders=None, vae=None, vae_gen=None, channels_last: bool = False,
+                vae_chunk: Optional[int] = None) -> dict:
     """Noisy latents, timesteps, conditioning and target of one micro-batch (rows ``[winners; losers]``)."""
     with torch.no_grad():
         if "latents" in batch:
@@ -46,7 +47,7 @@ def step_inputs(batch: dict, scheduler, gen: torch.Generator, device, weight_dty
         else:
             from .cache import encode_images
 
-            lat = encode_images(vae, batch["pixels"], vae_gen).float()
+            lat = encode_images(vae, batch["pixels"], vae_gen, vae_chunk).float()
             ids = {k: batch[k] for k in ("input_ids", "input_ids_2") if k in batch}
             text, pooled = encoders.encode(**ids)
             text = text.to(weight_dtype)

@@ -54,7 +54,7 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def write_tokenizer(path: str, words=None) -> None:
+def write_tokenizer(path: str, words=None, max_tokens: int = MAX_TOKENS) -> None:
     """A CLIP tokenizer folder: byte-level characters plus whole-word merges for ``words``."""
     words = list(words or (list(COLORS) + list(SHAPES) + ["a", "an", "of", "photo"]))
     chars = _bytes_to_unicode()
@@ -80,20 +80,22 @@ def write_tokenizer(path: str, words=None) -> None:
     with open(os.path.join(path, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_TOKENS,
+        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": max_tokens,
                    "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
                    "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
 
 
 def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str = "epsilon",
-                         pretrain_steps: int = 0):
+                         pretrain_steps: int = 0, log=None, max_tokens: int = MAX_TOKENS):
     """``dict(unet, vae, text_encoder, tokenizer, scheduler)``, randomly initialised from ``seed``;
     ``pretrain_steps > 0``: the UNet is then pre-trained on captioned toy images (:func:`pretrain_unet`)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    write_tokenizer(tokenizer_dir)
+    if log:
+        log("toy model: building the tiny VAE (calibrated), text encoder and UNet, once (reused afterwards)")
+    write_tokenizer(tokenizer_dir, max_tokens=max_tokens)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -109,7 +111,7 @@ def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=MAX_TOKENS, layer_norm_eps=1e-5,
+        num_hidden_layers=2, max_position_embeddings=max_tokens, layer_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -117,12 +119,12 @@ def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str
                               steps_offset=1)
     parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
     if pretrain_steps > 0:
-        pretrain_unet(parts, pretrain_steps, seed=seed)
+        pretrain_unet(parts, pretrain_steps, seed=seed, log=log)
     return parts
 
 
 def pretrain_unet(parts: dict, steps: int = PRETRAIN_STEPS, batch_size: int = PRETRAIN_BATCH,
-                  lr: float = PRETRAIN_LR, num_images: int = PRETRAIN_IMAGES, seed: int = 0) -> list[float]:
+                  lr: float = PRETRAIN_LR, num_images: int = PRETRAIN_IMAGES, seed: int = 0, log=None) -> list[float]:
     """Pre-train the toy UNet as a text-conditioned denoiser (the ordinary diffusion loss) on
     ``num_images`` captioned toy images: each shows the named shape in the named colour, drawn
     from a seed of its own (not the preference set's).  Returns the loss per step.
@@ -151,7 +153,9 @@ def pretrain_unet(parts: dict, steps: int = PRETRAIN_STEPS, batch_size: int = PR
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     v_pred = sched.config.prediction_type == "v_prediction"
     losses = []
-    for _ in range(steps):
+    if log:
+        log(f"toy model: pre-training the UNet as a denoiser ({steps} steps)")
+    for step in range(steps):
         idx = torch.randint(0, num_images, (batch_size,), generator=gen)
         x0 = lat[idx]
         noise = torch.randn(x0.shape, generator=gen)
@@ -163,6 +167,8 @@ def pretrain_unet(parts: dict, steps: int = PRETRAIN_STEPS, batch_size: int = PR
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if log and (step + 1) % max(steps // 10, 1) == 0:
+            log(f"toy model: pre-training step {step + 1}/{steps}, loss {losses[-1]:.4f}")
     unet.requires_grad_(False).eval()
     return losses
 
@@ -216,20 +222,24 @@ def build_toy_sdxl_components(tokenizer_dir: str, seed: int = 0, prediction_type
 
 
 def build_toy_pipeline(tokenizer_dir: str, seed: int = 0, prediction_type: str = "epsilon",
-                       pretrain_steps: int = 0):
+                       pretrain_steps: int = 0, log=None, max_tokens: int = MAX_TOKENS):
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline(**build_toy_components(tokenizer_dir, seed, prediction_type, pretrain_steps),
+    return StableDiffusionPipeline(**build_toy_components(tokenizer_dir, seed, prediction_type, pretrain_steps, log,
+                                                          max_tokens),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def write_toy_model(path: str, seed: int = 0, prediction_type: str = "epsilon", kind: str = "sd15",
-                    pretrain_steps: int | None = None) -> str:
+                    pretrain_steps: int | None = None, log=None, max_tokens: int = MAX_TOKENS) -> str:
     """Save the toy model as a diffusers-format folder (``model_index.json``, one subfolder per part);
     the SD1.5-style UNet is pre-trained for ``pretrain_steps`` (:func:`pretrain_unet`).
     ``kind="sdxl"``: the SDXL-style toy (a ``StableDiffusionXLPipeline`` folder, random UNet)."""
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return path
+    from . import safedir
+
+    safedir.check_replaceable(path, "make-toy")  # never replace a folder the package did not write
     if pretrain_steps is None:
         pretrain_steps = int(os.environ.get("ADPO_TOY_PRETRAIN_STEPS", PRETRAIN_STEPS))
     tmp = path.rstrip("/") + ".tmp"
@@ -239,7 +249,8 @@ def write_toy_model(path: str, seed: int = 0, prediction_type: str = "epsilon", 
         pipe = StableDiffusionXLPipeline(**build_toy_sdxl_components(os.path.join(tmp, "tokenizer"), seed,
                                                                      prediction_type))
     else:
-        pipe = build_toy_pipeline(os.path.join(tmp, "tokenizer"), seed, prediction_type, pretrain_steps)
+        pipe = build_toy_pipeline(os.path.join(tmp, "tokenizer"), seed, prediction_type, pretrain_steps, log,
+                                  max_tokens)
     pipe.save_pretrained(tmp, safe_serialization=True)
     os.replace(tmp, path) if not os.path.exists(path) else _replace_dir(tmp, path)
     return path
@@ -300,6 +311,15 @@ def toy_records(num_pairs: int, seed: int = 0, num_ties: int = 2, num_corrupt: i
     return cols
 
 
+def _is_toy_dataset(path: str) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path).metadata.get(b"adpo-train") == b"toy dataset"
+    except Exception:  # noqa: BLE001 - unreadable or no metadata: not ours
+        return False
+
+
 def write_toy_dataset(path: str, num_pairs: int = 256, seed: int = 0, num_ties: int = 2,
                       num_corrupt: int = 1) -> str:
     """Write the toy preference set as one Pick-a-Pic-schema parquet file; returns its path."""
@@ -311,7 +331,12 @@ def write_toy_dataset(path: str, num_pairs: int = 256, seed: int = 0, num_ties: 
     table = pa.table({"caption": pa.array(cols["caption"], pa.string()),
                       "jpg_0": pa.array(cols["jpg_0"], pa.binary()), "jpg_1": pa.array(cols["jpg_1"], pa.binary()),
                       "label_0": pa.array(cols["label_0"], pa.float64()),
-                      "user_id": pa.array(cols["user_id"], pa.int64())})
+                      "user_id": pa.array(cols["user_id"], pa.int64())},
+                     metadata={"adpo-train": "toy dataset"})
+    if os.path.lexists(path) and not _is_toy_dataset(path):
+        from .errors import UserError
+
+        raise UserError(f"make-toy: {path!r} exists and is not the toy dataset; refusing to overwrite it")
     tmp = path + ".tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, path)

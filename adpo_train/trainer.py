@@ -10,7 +10,10 @@ One optimisation step, for a micro-batch of B pairs (rows stacked ``[winners; lo
 5. policy prediction with grad, then ``adpo_kernels.adaptive_dpo_loss`` and backward;
 6. after each optimiser step, every EMA annotator takes one update.
 
-Per-step metrics stay on the device and are read once every ``--logging_steps``.
+A step whose loss is not finite changes nothing (:mod:`adpo_train.skip`).  Per-step metrics
+stay on the device and are read once every ``--logging_steps``.  SIGINT/SIGTERM stop the run
+at a step boundary with a checkpoint (:mod:`adpo_train.signals`); user errors are
+:class:`adpo_train.errors.UserError`.
 """
 from __future__ import annotations
 
@@ -27,19 +30,25 @@ import torch
 import adpo_kernels as ak
 
 from . import checkpoint as ckpt
+from . import skip
 from .annotators import EMAAnnotators, MixedBatchAnnotators
+from .cache import check_cache_fits
+from .compat import beta_note
 from .data import (CachedPairDataset, ImagePairDataset, PairBatchSampler, PickAPicPairs, SyntheticPairDataset,
                    collate_cached, collate_images)
 from .models import (LORA_WEIGHT_NAME, add_lora, build_unet, load_lora_state_dict, load_scheduler,
                      load_text_encoders, load_unet, load_vae, lora_state_dict, save_lora_diffusers, set_attention,
                      text_shape)
+from .errors import Interrupted, RunCutShort, UserError
+from .signals import StopRequest
 from .step import StepModels, compile_unet, step_inputs
 
 # Device-side metric buffer: one slot per field, summed over optimisation steps between logs.
 FIELDS = ("loss", "implicit_acc", "weight_mean", "metric_mean", "logit_mean", "model_mse", "ref_mse",
-          "grad_norm", "nonfinite", "micro_batches", "flipped_weight_sum", "flipped_count",
+          "grad_norm", "nonfinite", "micro_batches", "skipped_steps", "flipped_weight_sum", "flipped_count",
           "clean_weight_sum", "clean_count")
 F = {name: i for i, name in enumerate(FIELDS)}
+_COUNTERS = torch.tensor([name in ("nonfinite", "micro_batches", "skipped_steps") for name in FIELDS])
 
 
 def _prepare_toy(args: Namespace, log) -> None:
@@ -49,7 +58,7 @@ def _prepare_toy(args: Namespace, log) -> None:
 
     root = os.path.join(args.output_dir, "toy")
     pt = args.prediction_type or "epsilon"
-    model = toy.write_toy_model(os.path.join(root, f"model-{pt}"), prediction_type=pt)
+    model = toy.write_toy_model(os.path.join(root, f"model-{pt}"), prediction_type=pt, log=log)
     data = os.path.join(root, "data", f"pick_a_pic_toy_{args.toy_pairs}.parquet")
     if not os.path.isfile(data):
         toy.write_toy_dataset(data, args.toy_pairs)
@@ -62,16 +71,12 @@ def _prepare_toy(args: Namespace, log) -> None:
 
 
 def _trackers(args, accelerator, log):
-    import importlib.util
-
-    if args.report_to in ("tensorboard", "all"):
-        if importlib.util.find_spec("tensorboard") is None:
-            log("note: tensorboard is not installed; metrics go to metrics.jsonl only")
-            return False
-        accelerator.init_trackers("adpo-train", config={k: v for k, v in vars(args).items()
-                                                        if isinstance(v, (int, float, str, bool))})
-        return True
-    return False
+    """Start the trackers accelerate was given (tensorboard is dropped quietly when not installed)."""
+    if not accelerator.log_with:
+        return False
+    accelerator.init_trackers(args.tracker_name, config={k: v for k, v in vars(args).items()
+                                                         if isinstance(v, (int, float, str, bool))})
+    return True
 
 
 def _dev(device: torch.device) -> str:
@@ -95,26 +100,39 @@ def train(args: Namespace) -> dict:
     quiet_libraries()
     threads = torch.get_num_threads()
     try:
-        return _train(args)
+        with StopRequest() as stop:
+            return _train(args, stop)
     finally:
         torch.set_num_threads(threads)  # --cpu_threads must not leak into a caller's process
 
 
-def _train(args: Namespace) -> dict:
+def _train(args: Namespace, stop: StopRequest) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from safetensors.torch import load_file, save_file
 
-    os.makedirs(args.output_dir, exist_ok=True)
+    resuming = bool(args.resume_from_checkpoint) and (
+        args.resume_from_checkpoint != "latest" or bool(ckpt.list_checkpoints(args.output_dir)))
+    ckpt.check_output_dir(args.output_dir, resuming, bool(args.overwrite_output_dir), args.logging_dir,
+                          remove=False)  # every rank refuses alike; the main process removes (below)
+    from .compat import trackers
+
+    log_with = trackers(args.report_to)
     # cpu=True without a visible GPU: under torchrun that is what makes accelerate set up DDP over gloo
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision,
-                              log_with="tensorboard" if args.report_to in ("tensorboard", "all") else None,
+                              log_with=log_with or None,
                               project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                                                  logging_dir=os.path.join(args.output_dir, "logs")))
+                                                                  logging_dir=os.path.join(args.output_dir,
+                                                                                           args.logging_dir)))
     main_proc = accelerator.is_main_process
+    accelerator.wait_for_everyone()
+    if main_proc:
+        ckpt.check_output_dir(args.output_dir, resuming, bool(args.overwrite_output_dir), args.logging_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
     if accelerator.device.type == "cpu" and getattr(args, "cpu_threads", None):
         torch.set_num_threads(args.cpu_threads)
     log = print if main_proc else (lambda *a, **k: None)
@@ -133,7 +151,8 @@ def _train(args: Namespace) -> dict:
             build_cache(args.pretrained_model_name_or_path, args.dataset_name, args.latent_cache,
                         split=args.dataset_split_name, resolution=args.resolution, flip_ratio=args.flip_ratio,
                         flip_seed=args.flip_seed, max_pairs=args.max_train_samples, seed=args.seed,
-                        device=_dev(accelerator.device), variant=args.variant, log=log)
+                        device=_dev(accelerator.device), variant=args.variant, log=log, hflip=not args.no_hflip,
+                        random_crop=args.random_crop, vae_path=args.pretrained_vae_model_name_or_path)
         accelerator.wait_for_everyone()
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -184,6 +203,7 @@ def _train(args: Namespace) -> dict:
         ss = unet.config.sample_size
         dataset = SyntheticPairDataset(args.synthetic_pairs, (unet.config.in_channels, ss, ss), (tokens, width),
                                        pooled, resolution=ss * 8, seed=args.seed)
+        args.resolution = ss * 8
         collate, meta = collate_cached, dataset.meta
         flip_record = None
         data_stats = {k: meta[k] for k in ("num_rows", "num_ties", "num_corrupt", "num_pairs")}
@@ -193,16 +213,20 @@ def _train(args: Namespace) -> dict:
         dataset = CachedPairDataset(args.latent_cache)
         collate = collate_cached
         meta = dataset.meta
+        check_cache_fits(args, meta, dataset, unet, log)
+        args.resolution = meta.get("resolution", args.resolution)  # what the latents were made at
         flip_record = {k: meta[k] for k in ("flip_ratio", "flip_seed", "flipped_pairs", "flipped_rows")}
         data_stats = {k: meta[k] for k in ("num_rows", "num_ties", "num_corrupt", "num_pairs")}
     else:
         if not args.dataset_name:
-            raise SystemExit("adpo-train: give --dataset_name or --latent_cache")
+            raise UserError("give --dataset_name or --latent_cache")
         pairs = PickAPicPairs(args.dataset_name, args.dataset_split_name, args.flip_ratio, args.flip_seed,
                               args.max_train_samples)
-        vae = load_vae(args.pretrained_model_name_or_path, args.variant).to(device, dtype=weight_dtype)
+        vae = load_vae(args.pretrained_model_name_or_path, args.variant,
+                       args.pretrained_vae_model_name_or_path).to(device, dtype=weight_dtype)
         text_encoder = load_text_encoders(args.pretrained_model_name_or_path, args.variant).to(device, weight_dtype)
-        dataset = ImagePairDataset(pairs, text_encoder, args.resolution)
+        dataset = ImagePairDataset(pairs, text_encoder, args.resolution, hflip=not args.no_hflip,
+                                   random_crop=args.random_crop, seed=args.seed)
         collate = collate_images
         flip_record = pairs.flip_record()
         data_stats = {"num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": None,
@@ -225,12 +249,17 @@ def _train(args: Namespace) -> dict:
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     fused = cuda if args.fused_adamw is None else args.fused_adamw
-    optimizer = torch.optim.AdamW(lora_params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-                                  **({"fused": True} if fused else {}))
+    adamw = torch.optim.AdamW
+    if args.use_8bit_adam:  # compat.check made sure bitsandbytes is installed
+        import bitsandbytes as bnb
+
+        adamw, fused = bnb.optim.AdamW8bit, False
+    optimizer = adamw(lora_params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **({"fused": True} if fused else {}))
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
     if cuda if args.compile is None else args.compile:
         compile_unet(unet, mode=args.compile_mode)
         if reference_unet is not None:
@@ -240,7 +269,7 @@ def _train(args: Namespace) -> dict:
     if accelerator.distributed_type == DistributedType.FSDP:
         # FSDP shards parameters into DTensors: the in-place EMA swaps, the LoRA/EMA checkpoint files and
         # the final LoRA export would need gathered (full_tensor) copies on every rank. Not implemented.
-        raise SystemExit("adpo-train: FSDP is not supported yet (see docs/trainer.md, 'At scale'); use DDP or "
+        raise UserError("FSDP is not supported yet (see docs/trainer.md, 'At scale'); use DDP or "
                          "DeepSpeed ZeRO-2 (docs/accelerate/deepspeed_zero2.yaml): both keep whole parameters "
                          "on every GPU, which the EMA swaps and the LoRA export rely on")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -257,6 +286,7 @@ def _train(args: Namespace) -> dict:
                           os.path.join(output_dir, "unet.safetensors"))
             else:
                 save_file(lora_state_dict(m), os.path.join(output_dir, "lora.safetensors"))
+                save_lora_diffusers(m, output_dir)  # the checkpoint loads into a pipeline as it is
         while weights:
             weights.pop()
 
@@ -287,7 +317,7 @@ def _train(args: Namespace) -> dict:
     vae_gen = torch.Generator(device=device).manual_seed(args.seed * 7919 + 104729 * (rank + 1))
     buf = torch.zeros(len(FIELDS), dtype=torch.float64, device=device)
     global_step, epoch, batch_in_epoch = 0, 0, 0
-    num_corrupt_seen = 0
+    num_corrupt_seen, skipped_total = 0, 0
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     pairs_path = os.path.join(args.output_dir, "pairs.jsonl")
 
@@ -311,6 +341,7 @@ def _train(args: Namespace) -> dict:
         buf.copy_(rng["metrics"])
         global_step, epoch, batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
         num_corrupt_seen = state.get("num_corrupt_seen", 0)
+        skipped_total = state.get("skipped_steps_total", 0)
         resumed_steps_since_log = state.get("steps_since_log", 0)
         log(f"resumed from {resume} at step {global_step} (epoch {epoch}, batch {batch_in_epoch})")
         for path in (metrics_path, pairs_path):
@@ -326,11 +357,12 @@ def _train(args: Namespace) -> dict:
     use_tb = _trackers(args, accelerator, log)
     with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:
         json.dump({"args": {k: v for k, v in vars(args).items() if k != "loss_config"},
+                   "beta": cfg.beta, "beta_convention": beta_note(args),
                    "loss_config": dataclasses.asdict(cfg), "data": data_stats,
                    "lora_parameters": sum(p.numel() for p in lora_params)}, f, indent=1, default=str)
     log(f"adpo-train: {len(dataset)} pairs, {batches_per_epoch} batches/epoch of {args.train_batch_size} pairs, "
         f"{args.max_train_steps} steps, {'Adaptive-DPO' if cfg.adaptive else 'Diffusion-DPO'} "
-        f"beta={cfg.beta:g}, {len(args.ema_decays)} EMA annotator(s), "
+        f"beta={cfg.beta:g} ({beta_note(args)}), {len(args.ema_decays)} EMA annotator(s), "
         + ("full fine-tune" if args.full_finetune else f"LoRA r={args.rank}")
         + f" ({sum(p.numel() for p in lora_params):,} params), {scheduler.config.prediction_type}, device {device}"
         + (f" x {world} processes" if world > 1 else ""))
@@ -348,6 +380,7 @@ def _train(args: Namespace) -> dict:
         tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
         state = {"global_step": step, "epoch": position[0], "batch_in_epoch": position[1],
                  "num_corrupt_seen": num_corrupt_seen, "steps_since_log": steps_since_log,
+                 "skipped_steps_total": skipped_total,
                  "world_size": accelerator.num_processes,
                  "ema": annotators.state_meta() if annotators is not None else None}
 
@@ -372,6 +405,24 @@ def _train(args: Namespace) -> dict:
         accelerator.wait_for_everyone()
         return path
 
+    validator = None
+    if args.run_validation and main_proc:
+        from .validation import Validator
+
+        validator = Validator(args, base_unet, device, weight_dtype, lambda: accelerator.trackers)
+
+    def interrupted(signum: int) -> Interrupted:
+        path = ckpt.list_checkpoints(args.output_dir)
+        path = path[-1][1] if path and path[-1][0] == global_step else None
+        if path is None and global_step > 0:
+            path = write_checkpoint(global_step, (epoch, batch_in_epoch))
+        if progress is not None:
+            progress.close()
+        accelerator.end_training()
+        hint = ("Resume with the same command plus --resume_from_checkpoint latest." if path else
+                "Nothing to resume: run again with --overwrite_output_dir.")
+        return Interrupted(signum, global_step, path, hint)
+
     # -- the loop -------------------------------------------------------------------------
     progress = None
     if main_proc and not args.quiet:
@@ -382,6 +433,7 @@ def _train(args: Namespace) -> dict:
     pair_rows: list[torch.Tensor] = []
     t_log, steps_since_log = time.time(), (resumed_steps_since_log if resume else 0)
     unet.train()
+    stop.arm()
     done = global_step >= args.max_train_steps
     while not done and epoch < num_epochs:
         sampler.set_epoch(epoch, batch_in_epoch)
@@ -392,19 +444,26 @@ def _train(args: Namespace) -> dict:
                 continue
             with accelerator.accumulate(unet):
                 x = step_inputs(batch, scheduler, gen, device, weight_dtype, rank=rank, world=world,
-                                encoders=text_encoder, vae=vae, vae_gen=vae_gen, channels_last=args.channels_last)
+                                encoders=text_encoder, vae=vae, vae_gen=vae_gen, channels_last=args.channels_last,
+                                vae_chunk=args.vae_encode_batch_size)
                 ready = global_step >= args.ema_warmup_steps
                 out = models.loss(x, cfg, ready, args.loss_backend)
                 accelerator.backward(out.loss)
                 nonfinite |= out.nonfinite
                 grad_norm = None
                 if accelerator.sync_gradients:
-                    for p in lora_params:
-                        if p.grad is not None:
-                            p.grad.masked_fill_(nonfinite, 0.0)  # skip the step's update without a host sync
                     if args.max_grad_norm and args.max_grad_norm > 0:
                         grad_norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
-                optimizer.step()
+                    if world > 1:  # the all-reduced gradients decide, identically on every rank
+                        norm = grad_norm if grad_norm is not None else torch.linalg.vector_norm(torch.stack(
+                            [torch.linalg.vector_norm(p.grad) for p in lora_params if p.grad is not None]))
+                        nonfinite |= ~torch.isfinite(norm)
+                    skip.optimizer_step(optimizer, nonfinite)
+                    buf[F["skipped_steps"]] += nonfinite.double()
+                    if grad_norm is not None:  # a skipped step's norm is not a measurement
+                        grad_norm = torch.where(nonfinite, torch.zeros_like(grad_norm), grad_norm)
+                else:
+                    optimizer.step()  # accelerate makes this a no-op while accumulating
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -417,9 +476,11 @@ def _train(args: Namespace) -> dict:
                                        (grad_norm.double() if isinstance(grad_norm, torch.Tensor)
                                         else torch.zeros((), dtype=torch.float64, device=device)),
                                        out.nonfinite.double(), torch.ones((), dtype=torch.float64, device=device),
+                                       torch.zeros((), dtype=torch.float64, device=device),
                                        (w * fl).sum().double(), fl.sum().double(),
                                        (w * ~fl).sum().double(), (~fl).sum().double()])
-                    buf += row
+                    # a non-finite micro-batch adds only to its counters (the averages stay finite)
+                    buf += torch.where(out.nonfinite & ~_COUNTERS.to(device), 0.0, row)
                     if args.dump_pairs:
                         pair_rows.append(torch.stack([torch.full_like(out.logits, global_step + 1),
                                                       batch["index"].to(device, out.logits.dtype), out.logits,
@@ -427,25 +488,35 @@ def _train(args: Namespace) -> dict:
 
             if not accelerator.sync_gradients:
                 continue
-            nonfinite.zero_()
             if annotators is not None:
-                annotators.step()
+                skip.ema_step(annotators, nonfinite)
+            nonfinite.zero_()
             global_step += 1
             steps_since_log += 1
+            synced, agreed_signal = False, None
             if progress is not None:
                 progress.update(1)
             if global_step % args.logging_steps == 0 or global_step >= args.max_train_steps:
                 # the one host sync per logging interval; with several processes, sums over all of them
                 vals = (accelerator.reduce(buf.clone(), "sum") if world > 1 else buf).tolist()
+                synced = True
                 buf.zero_()
-                n = max(vals[F["micro_batches"]], 1.0)
+                skipped = round(vals[F["skipped_steps"]] / world)  # the same on every rank
+                skip.rewind(skipped, lr_scheduler, annotators, accelerator.num_processes)
+                skipped_total += skipped
+                steps_since_log -= skipped
+                global_step -= skipped
+                if progress is not None and skipped:
+                    progress.update(-skipped)
+                n = max(vals[F["micro_batches"]] - vals[F["nonfinite"]], 1.0)
                 elapsed = time.time() - t_log
                 rec = {"step": global_step, "epoch": epoch, "loss": vals[F["loss"]] / n,
                        "implicit_acc": vals[F["implicit_acc"]] / n, "weight_mean": vals[F["weight_mean"]] / n,
                        "metric_mean": vals[F["metric_mean"]] / n, "logit_mean": vals[F["logit_mean"]] / n,
                        "model_mse": vals[F["model_mse"]] / n, "ref_mse": vals[F["ref_mse"]] / n,
-                       "grad_norm": vals[F["grad_norm"]] / max(steps_since_log, 1) / world,  # same on every rank
-                       "nonfinite_micro_batches": int(vals[F["nonfinite"]]), "lr": lr_scheduler.get_last_lr()[0],
+                       "grad_norm": vals[F["grad_norm"]] / max(steps_since_log, 1) / world,  # real steps
+                       "nonfinite_micro_batches": int(vals[F["nonfinite"]]), "skipped_steps": skipped,
+                       "skipped_steps_total": skipped_total, "lr": lr_scheduler.get_last_lr()[0],
                        "annotators_ready": ready, "corrupt_pairs_seen": num_corrupt_seen,
                        "steps_per_s": steps_since_log / max(elapsed, 1e-9)}
                 if vals[F["flipped_count"]] > 0:
@@ -461,11 +532,20 @@ def _train(args: Namespace) -> dict:
                     if progress is not None:
                         progress.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['implicit_acc']:.3f}",
                                              w=f"{rec['weight_mean']:.3f}")
-            stop = args.stop_after_steps is not None and global_step >= args.stop_after_steps
-            if (global_step % args.checkpointing_steps == 0 or stop) and global_step < args.max_train_steps:
+                if world > 1:  # a signal may reach one rank only (or arrive mid-sync): agree on a snapshot
+                    local = stop.signum
+                    sig = accelerator.reduce(torch.tensor([float(local or 0)], device=device), "sum")
+                    agreed_signal = (local or 15) if sig.item() > 0 else None  # 15: SIGTERM
+            if validator is not None and global_step % args.validation_steps == 0:
+                log(f"\nvalidation images: {validator.run(global_step)}")
+            stop_signal = stop.signum if world == 1 else (agreed_signal if synced else None)
+            stop_early = args.stop_after_steps is not None and global_step >= args.stop_after_steps
+            if global_step % args.checkpointing_steps == 0 or stop_early or global_step >= args.max_train_steps:
                 path = write_checkpoint(global_step, (epoch, batch_in_epoch))
                 log(f"\ncheckpoint: {path}" if progress is not None else f"checkpoint: {path}")
-            if stop:
+            if stop_signal:
+                raise interrupted(stop_signal)
+            if stop_early:
                 if progress is not None:
                     progress.close()
                 log(f"stopped after {global_step} steps (--stop_after_steps); resume with "
@@ -513,5 +593,11 @@ def _train(args: Namespace) -> dict:
             log(f"  flipped pairs:           {os.path.join(args.output_dir, 'flipped_pairs.json')}")
         if args.dump_pairs:
             log(f"  per-pair dump:           {pairs_path}")
+        if validator is not None:
+            log(f"  validation images:       {validator.run(global_step, final=True)}")
     accelerator.end_training()
+    if global_step < args.max_train_steps:
+        raise RunCutShort(f"the run ended at step {global_step} of --max_train_steps {args.max_train_steps}: the "
+                          f"data ran out ({num_corrupt_seen} corrupt pairs dropped, {skipped_total} non-finite "
+                          f"steps skipped); outputs are written. Use more data or fewer steps.")
     return result

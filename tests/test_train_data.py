@@ -137,3 +137,28 @@ def test_batch_order_is_a_function_of_seed_and_epoch():
     merged = [a + b for a, b in zip(*[list(x) for x in two])]
     assert sorted(sum(merged, [])) == sorted(set(sum(merged, [])))
     assert torch.equal(torch.tensor(np.array(merged).shape), torch.tensor([2, 4]))
+
+
+def test_flip_and_random_crop_apply_to_both_images_of_a_pair():
+    """diffusers' default horizontal flip and --random_crop: one seeded draw per pair, shared by winner
+    and loser; the flip mirrors the centre crop exactly; crops move within the free room."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from adpo_train.data import decode_image, pair_augmentation
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)  # wider than tall: room to crop sideways
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    png = buf.getvalue()
+    centre = decode_image(png, 32)
+    assert torch.equal(decode_image(png, 32, flip=True), centre.flip(-1))
+    augs = [pair_augmentation(0, i, hflip=True, random_crop=True) for i in range(64)]
+    assert augs == [pair_augmentation(0, i, True, True) for i in range(64)]  # a function of (seed, pair)
+    assert 16 < sum(a["flip"] for a in augs) < 48
+    lefts = {decode_image(png, 32, with_meta=True, crop=a["crop"])[1][1][1] for a in augs}
+    assert len(lefts) > 3 and min(lefts) >= 0 and max(lefts) <= 38 - 32  # 40x48 -> 32x38 (shorter side 32)
+    assert pair_augmentation(0, 5, hflip=False, random_crop=False) == {"flip": False, "crop": None}
