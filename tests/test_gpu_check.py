@@ -65,7 +65,7 @@ def interrupted_log(tmp_path_factory):
     """A pytest -v -rA log of a fake suite interrupted (SIGINT) inside test_hang, as gpu_check.sh writes it."""
     d = tmp_path_factory.mktemp("fake")
     (d / "tests").mkdir()
-    (d / "tests" / "test_fake.py").write_text(FAKE.replace("{slow}", SLOW if HAS_TIMEOUT else ""))
+    (d / "tests" / "test_fake.py").write_text(FAKE.replace("{slow}", textwrap.dedent(SLOW) if HAS_TIMEOUT else ""))
     flag = d / "hang_started"
     log = d / "tests.log"
     with open(log, "w") as f:
