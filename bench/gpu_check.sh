@@ -27,7 +27,14 @@
 # tiny CPU suite;
 # the summary has the same layout.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
+# pytest under `timeout -s INT`: a command started in the background by a non-interactive shell
+# (as a remote runner may) inherits SIGINT ignored, and pytest would then be killed without its
+# summary; this puts SIGINT back to its default before pytest starts (`--pytest ARGS` runs it alone).
+PYTEST=($PY -c "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, [sys.executable, '-m', 'pytest'] + sys.argv[1:])")
+if [ "${1:-}" = --pytest ]; then shift; exec "${PYTEST[@]}" "$@"; fi
+cd "$SCRIPT_DIR/.."
 
 # failing_tests LOG: one line per failed, erroring, timed-out or interrupted test of a pytest -v
 # -rA log, read from its verbose lines and its short summary, so that a run killed before
@@ -58,7 +65,6 @@ if [ "${1:-}" = --failing-tests ]; then shift; failing_tests "$@"; exit; fi
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 BUDGET=${ADPO_CHECK_BUDGET:-500}   # seconds for the steps; the command's limit is 540 (9 minutes)
-PY=${PYTHON:-python3}
 DRY=${ADPO_CHECK_DRYRUN:-0}
 export PYTHONUNBUFFERED=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -78,7 +84,8 @@ log() { echo "[$(date -u +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$OUT/gpu_check.l
 row() { STEPS+=("$(printf '%-13s %-9s %5ss  %s' "$1" "$2" "$3" "$4")"); }
 
 # step NAME CAP_S RESERVE_S LOGFILE SIGNAL CMD...: runs CMD with a timeout of
-# min(CAP, budget left - RESERVE), RESERVE being the minimum that the later steps keep.
+# min(CAP, budget left - RESERVE), RESERVE being what the later steps keep at least (their
+# minimums: build-cuda 30, kernel-tests 100, tests 60, loss 70, train 80, the summary 10 s).
 step() {
     local name=$1 cap=$2 reserve=$3 logf=$4 sig=$5
     shift 5
@@ -129,7 +136,7 @@ for name in ('triton', 'numpy', 'setuptools', 'pip', 'ninja', 'transformers', 'a
 # diffusers, carried as a wheel (the machine has no network)
 whl=$(ls .wheels/diffusers-*.whl 2>/dev/null | head -n 1)
 if [ -n "$whl" ]; then
-    step diffusers 30 420 build.log TERM $PY -m pip install -q --no-index --no-deps --no-compile "$whl"
+    step diffusers 30 380 build.log TERM $PY -m pip install -q --no-index --no-deps --no-compile "$whl"
 elif $PY -c "import diffusers" 2>/dev/null; then
     row diffusers ok 0 "already installed"
 else
@@ -140,8 +147,8 @@ fi
 
 # the extensions: CPU alone first, so that an nvcc failure cannot take it down too
 pip_e=($PY -m pip install -e . --no-build-isolation --no-deps --no-index -v)
-step build-cpu 60 400 build.log TERM env ADPO_SKIP_CUDA_BUILD=1 "${pip_e[@]}"
-step build-cuda 120 330 build.log TERM env ADPO_FORCE_CUDA=1 "${pip_e[@]}"
+step build-cpu 60 350 build.log TERM env ADPO_SKIP_CUDA_BUILD=1 "${pip_e[@]}"
+step build-cuda 120 320 build.log TERM env ADPO_FORCE_CUDA=1 "${pip_e[@]}"
 $PY -m adpo_kernels.info >>"$OUT/build.log" 2>&1
 $PY -c "import adpo_kernels as ak; [print(f'backend {k}:', v or 'usable') for k, v in ak.available_backends().items()]" \
     >>"$OUT/build.log" 2>&1
@@ -153,20 +160,20 @@ pytest_args=(-v -rA --durations=25 -p no:cacheprovider)
 $PY -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout=100)
 [ "$DRY" = 1 ] && pytest_args=(-qq --collect-only -p no:cacheprovider)   # collects the kernel tests only
 KERNEL_TESTS=(tests/test_cuda_kernels.py tests/test_triton.py)
-step kernel-tests 140 250 tests.log INT $PY -m pytest "${pytest_args[@]}" --junitxml="$OUT/kernel_tests.xml" \
+step kernel-tests 140 220 tests.log INT "${PYTEST[@]}" "${pytest_args[@]}" --junitxml="$OUT/kernel_tests.xml" \
     "${KERNEL_TESTS[@]}"
 # the rest in parallel when pytest-xdist is there (the machine has 16 cores), 2 threads each
 rest_args=()
 [ "$DRY" != 1 ] && $PY -c "import xdist" 2>/dev/null && rest_args=(-n 6)
-step tests 90 180 tests.log INT env OMP_NUM_THREADS=2 $PY -m pytest "${pytest_args[@]}" "${rest_args[@]}" tests \
+step tests 90 160 tests.log INT env OMP_NUM_THREADS=2 "${PYTEST[@]}" "${pytest_args[@]}" "${rest_args[@]}" tests \
     $(printf -- '--ignore=%s ' "${KERNEL_TESTS[@]}")
 
 # the loss benchmark at issue 3's GPU shapes; cases not started within --time-budget, or cut
 # off by the step's timeout (SIGTERM), are written as skipped rows, so the CSV is complete
 LOSS_ARGS=(--suite gpu --quick)
 [ "$DRY" = 1 ] && LOSS_ARGS=(--suite tiny --device cpu --providers eager,triton,cuda --modes full)
-lt=$((BUDGET - SECONDS - 100)); [ "$lt" -gt 100 ] && lt=100
-step loss 100 100 bench.log TERM $PY -m bench loss "${LOSS_ARGS[@]}" --results-dir "$OUT" \
+lt=$((BUDGET - SECONDS - 90)); [ "$lt" -gt 100 ] && lt=100
+step loss 100 90 bench.log TERM $PY -m bench loss "${LOSS_ARGS[@]}" --results-dir "$OUT" \
     --time-budget $((lt > 60 ? lt - 40 : 15)) --note "bench/gpu_check.sh"
 
 # the trainer benchmark, shortened; on SIGTERM it writes the variants left as skipped rows

@@ -71,15 +71,21 @@ def interrupted_log(tmp_path_factory):
     with open(log, "w") as f:
         f.write("== kernel-tests: python -m pytest -v -rA tests/test_fake.py\n")
         f.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider",
+        # as gpu_check.sh runs pytest, with SIGINT ignored on entry as in a shell's background job
+        proc = subprocess.Popen(["bash", SCRIPT, "--pytest", "-v", "-rA", "-p", "no:cacheprovider",
                                  "tests/test_fake.py"], cwd=d, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "HANG_FLAG": str(flag)})
+                                env={**os.environ, "HANG_FLAG": str(flag), "PYTHON": sys.executable},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         deadline = time.monotonic() + 240
         while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert flag.exists(), log.read_text()[-3000:]
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("pytest ignored SIGINT: " + log.read_text()[-2000:])
         f.write("== tests: python -m pytest -v -rA tests\n")
     return log
 
