@@ -31,8 +31,11 @@ PY=${PYTHON:-python3}
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
 # pytest under `timeout -s INT`: a command started in the background by a non-interactive shell
 # (as a remote runner may) inherits SIGINT ignored, and pytest would then be killed without its
-# summary; this puts SIGINT back to its default before pytest starts (`--pytest ARGS` runs it alone).
-PYTEST=($PY -c "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, [sys.executable, '-m', 'pytest'] + sys.argv[1:])")
+# summary, so this gives SIGINT back to Python; and once pytest has written its summary and XML
+# it exits at once (os._exit), not after joining compile workers that `--kill-after` would cut
+# off anyway.  `bash bench/gpu_check.sh --pytest ARGS` runs it alone (tests/test_gpu_check.py).
+PYTEST=($PY -c "import os, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import pytest
+rc = int(pytest.main(sys.argv[1:])); sys.stdout.flush(); sys.stderr.flush(); os._exit(rc)")
 if [ "${1:-}" = --pytest ]; then shift; exec "${PYTEST[@]}" "$@"; fi
 cd "$SCRIPT_DIR/.."
 
