@@ -394,20 +394,21 @@ def run(args: argparse.Namespace, env: dict, log=print) -> list[dict]:
     old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         for case in cases:
-            log(f"{case.shape} B={case.B} S={case.S} K={case.K} {case.dtype}")
-            if stopped is None and args.time_budget and time.perf_counter() - t_start > args.time_budget:
-                stopped = f"time budget of {args.time_budget:.0f} s spent before this case started"
             if stopped is None:
                 try:
-                    rows += _bench_case(case, providers, modes, device, cfg, opts, copy_gbps, log)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
+                    log(f"{case.shape} B={case.B} S={case.S} K={case.K} {case.dtype}")
+                    if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+                        stopped = f"time budget of {args.time_budget:.0f} s spent before this case started"
+                    else:
+                        rows += _bench_case(case, providers, modes, device, cfg, opts, copy_gbps, log)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
                 except _Terminated:
                     stopped = "terminated by SIGTERM (the caller's time limit)"
             base = {**_base_row(case, suite_name), "status": "skipped", "reason": stopped}
             rows += [{**base, "provider": p, "mode": m} for p in providers for m in modes]
-            log(f"  skipped: {stopped}")
+            log(f"  {case.shape} K={case.K} {case.dtype} skipped: {stopped}")
     finally:
         signal.signal(signal.SIGTERM, old_handler)
     return rows
@@ -418,4 +419,5 @@ class _Terminated(BaseException):
 
 
 def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cases left are then written as skipped
     raise _Terminated()

@@ -129,3 +129,29 @@ def test_a_passing_log_names_nothing(tmp_path):
                    "[gw0] [ 50%] PASSED tests/test_b.py::test_z\n"
                    "[gw1] [100%] FAILED tests/test_b.py::test_w\n")
     assert _failing(log) == ["FAILED tests/test_b.py::test_w"]
+
+
+def test_loss_benchmark_writes_every_row_when_terminated(tmp_path):
+    """The GPU check stops the loss benchmark with SIGTERM: the case in flight and the ones after it are
+    written as skipped rows (so the CSV is complete), and the process exits promptly with status 0."""
+    from bench import results
+
+    # a long warm-up makes sure the signal lands inside the first case
+    cmd = [sys.executable, "-m", "bench", "loss", "--device", "cpu", "--shapes", "sd15", "--annotators", "2,0",
+           "--dtypes", "fp32", "--providers", "eager", "--modes", "full", "--warmup-ms", "600000", "--no-profile",
+           "--no-check", "--results-dir", str(tmp_path), "--note", "sigterm"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("sd15 "):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    log = "".join(out) + rest
+    assert proc.returncode == 0, log[-3000:]
+    rows = results.read_rows("loss", str(tmp_path))
+    assert sorted(r["K"] for r in rows) == ["0", "2"], log[-3000:]
+    assert {r["status"] for r in rows} == {"skipped"}
+    assert all("SIGTERM" in r["reason"] for r in rows)
