@@ -34,7 +34,7 @@ SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
 # summary, so this gives SIGINT back to Python; and once pytest has written its summary and XML
 # it exits at once (os._exit), not after joining compile workers that `--kill-after` would cut
 # off anyway.  `bash bench/gpu_check.sh --pytest ARGS` runs it alone (tests/test_gpu_check.py).
-PYTEST=($PY -c "import os, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import pytest
+PYTEST=($PY -c "import os, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import pytest; \
 rc = int(pytest.main(sys.argv[1:])); sys.stdout.flush(); sys.stderr.flush(); os._exit(rc)")
 if [ "${1:-}" = --pytest ]; then shift; exec "${PYTEST[@]}" "$@"; fi
 cd "$SCRIPT_DIR/.."
@@ -104,7 +104,8 @@ step() {
     echo "== $name: $*" >>"$OUT/$logf"
     local t0=$SECONDS rc status=ok
     if [ "$DRY" = 1 ] && [ "$name" != loss ] && [ "$name" != kernel-tests ]; then
-        row "$name" dry-run 0 "$*"
+        local cmd="$*"
+        row "$name" dry-run 0 "${cmd:0:100}"
         return 0
     fi
     timeout -s "$sig" --kill-after=8 "$t" "$@" >>"$OUT/$logf" 2>&1
