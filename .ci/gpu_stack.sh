@@ -12,7 +12,7 @@
 #   5. bench/gpu_check.sh runs as a dry run.
 # The venv is cached under $ADPO_CI_CACHE (default ~/.cache/adpo-ci) and brought to the pins below
 # when they change; a clean machine creates it (4.7 GB from the registry, 91 s on a quiet machine).
-# The whole leg: about 7.5 minutes with the venv cached on the shared 2-core machine (load 8).
+# The whole leg with the venv cached: 3 minutes on the shared 2-core machine at load 3, 7.5 at load 8.
 #
 #   bash .ci/gpu_stack.sh
 set -euo pipefail
