@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -387,15 +388,36 @@ def run(args: argparse.Namespace, env: dict, log=print) -> list[dict]:
     log(f"copy bandwidth measured now: {copy_gbps:.1f} GB/s (read + write)")
     t_start = time.perf_counter()
     rows = []
-    for case in cases:
-        log(f"{case.shape} B={case.B} S={case.S} K={case.K} {case.dtype}")
-        if args.time_budget and time.perf_counter() - t_start > args.time_budget:
-            reason = f"time budget of {args.time_budget:.0f} s spent before this case started"
-            base = {**_base_row(case, suite_name), "status": "skipped", "reason": reason}
+    stopped = None
+    # A caller's timeout (bench/gpu_check.sh) sends SIGTERM: keep the cases measured so far and write
+    # the rest as skipped rows, so that the CSV is complete and nothing measured is lost.
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        for case in cases:
+            if stopped is None:
+                try:
+                    log(f"{case.shape} B={case.B} S={case.S} K={case.K} {case.dtype}")
+                    if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+                        stopped = f"time budget of {args.time_budget:.0f} s spent before this case started"
+                    else:
+                        rows += _bench_case(case, providers, modes, device, cfg, opts, copy_gbps, log)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
+                except _Terminated:
+                    stopped = "terminated by SIGTERM (the caller's time limit)"
+            base = {**_base_row(case, suite_name), "status": "skipped", "reason": stopped}
             rows += [{**base, "provider": p, "mode": m} for p in providers for m in modes]
-            log(f"  skipped: {reason}")
-            continue
-        rows += _bench_case(case, providers, modes, device, cfg, opts, copy_gbps, log)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            log(f"  {case.shape} K={case.K} {case.dtype} skipped: {stopped}")
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
     return rows
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the benchmark is; a BaseException so per-provider error handling lets it pass."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cases left are then written as skipped
+    raise _Terminated()

@@ -126,7 +126,11 @@ def test_gpu_check_rehearsal(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert {"gpu_check.log", "loss.csv", "summary.txt"} <= set(os.listdir(tmp_path))
     assert len(os.listdir(tmp_path)) <= 8  # the device tool returns at most 8 files
-    tail = p.stdout.strip().splitlines()
-    assert any(line.startswith("== loss / tiny") for line in tail[-12:])
+    lines = p.stdout.strip().splitlines()
+    assert any(line.startswith("== loss / tiny") for line in lines)
+    # the real run's layout: step table, then the tests that did not pass, then the verdict last
+    steps = [line.split()[0] for line in lines[lines.index(next(ln for ln in lines if ln.startswith("step "))) + 1:]]
+    assert steps[:8] == ["diffusers", "build-cpu", "build-cuda", "kernel-tests", "tests", "loss", "train", "backend"]
+    assert lines[-2:] == ["== tests that did not pass: 0", "== gpu_check: PASSED"]
     rows = results.read_rows("loss", str(tmp_path))
     assert {r["provider"] for r in rows if r["status"] == "ok"} == {"eager"}
