@@ -62,7 +62,7 @@ ADPO_SKIP_CUDA_BUILD=1 "$PY" -m pip install -q -e . --no-build-isolation --no-de
 stage "build: CUDA extension (forced, sm_90)"
 ADPO_FORCE_CUDA=1 "$PY" -m pip install -q -e . --no-build-isolation --no-deps
 "$PY" -c "import adpo_kernels._C, adpo_kernels._C_cuda"
-"$PY" -m adpo_kernels.info | head -n 40
+"$PY" -m adpo_kernels.info > "$CACHE/info.txt" && head -n 40 "$CACHE/info.txt"   # no pipe: head exiting early would fail it
 
 # 3. the Triton kernels, natively for sm_90 (ptxas from the triton 3.6 wheel); failures and spills print
 stage "Triton kernels for sm_90 with triton 3.6"

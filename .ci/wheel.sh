@@ -140,7 +140,8 @@ say "pip wheel --no-build-isolation (torch importable): a platform wheel with th
     -w "$WORK/dist-prebuilt" . > "$WORK/wheel3.log" 2>&1) || { tail -20 "$WORK/wheel3.log"; fail "pip wheel --no-build-isolation"; }
 PRE=$(ls "$WORK"/dist-prebuilt/adpo_kernels-*.whl)
 [[ $(basename "$PRE") != *-py3-none-any.whl ]] || fail "a build against torch should make a platform wheel: $PRE"
-unzip -l "$PRE" | grep -q 'adpo_kernels/_C\.cpython.*\.so$' || fail "the platform wheel lacks adpo_kernels/_C"
+unzip -Z1 "$PRE" > "$WORK/prebuilt.files"   # not piped into grep -q: its early exit fails the pipe
+grep -q 'adpo_kernels/_C\.cpython.*\.so$' "$WORK/prebuilt.files" || fail "the platform wheel lacks adpo_kernels/_C"
 "$V/pip" install -q --no-index --no-deps --force-reinstall "$PRE"
 "$V/python" "$ROOT/.ci/wheel_check.py" --expect prebuilt --out "$WORK/pre-wheel.pt"
 "$V/python" -c "import sys, torch; a, b = (torch.load(f) for f in sys.argv[1:])
