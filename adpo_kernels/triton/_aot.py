@@ -194,10 +194,36 @@ def _print_proofs(arch: int) -> int:
     return 0
 
 
+_VARIANTS: list = []
+
+
+def _compile_one(i: int):
+    label, fn, types, consts, warps, divisible = _VARIANTS[i]
+    try:
+        return label, _compile(fn, types, consts, warps, _ARCH, divisible), None
+    except Exception as exc:  # noqa: BLE001  (reported by the caller)
+        return label, None, f"{type(exc).__name__}: {exc}"
+
+
+def _compile_all(todo: list, arch: int, jobs: int):
+    """``(label, resources, error)`` per variant, in order, compiled by ``jobs`` forked workers
+    (kernels are not picklable: the workers inherit ``todo`` and get indices)."""
+    import concurrent.futures
+    import multiprocessing
+    global _ARCH, _VARIANTS
+    _ARCH, _VARIANTS = arch, todo
+    if jobs <= 1:
+        yield from map(_compile_one, range(len(todo)))
+        return
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as ex:
+        yield from ex.map(_compile_one, range(len(todo)))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
     ap.add_argument("--quick", action="store_true", help="a representative subset")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: every core)")
     ap.add_argument("--proofs", action="store_true", help="JSON lines of the PTX facts tests/test_static_proofs.py checks")
     args = ap.parse_args(argv)
     if _common.is_interpreted(mse._mse_partial_kernel):
@@ -206,16 +232,14 @@ def main(argv=None) -> int:
     if args.proofs:
         return _print_proofs(args.arch)
     failed = 0
-    for label, fn, types, consts, warps, divisible in variants(args.quick):
-        try:
-            res = _compile(fn, types, consts, warps, args.arch, divisible)
-        except Exception as exc:  # report every failing variant, not just the first
+    for label, res, err in _compile_all(list(variants(args.quick)), args.arch, args.jobs):
+        if err is not None:  # report every failing variant, not just the first
             failed += 1
-            print(f"FAIL {label}: {type(exc).__name__}: {exc}")
+            print(f"FAIL {label}: {err}")
             continue
         spill = "LOCAL:0" not in res and "REG:" in res
         failed += spill
-        print(f"{'SPILL' if spill else 'ok  '} {label}: {res}")
+        print(f"{'SPILL' if spill else 'ok  '} {label}: {res}", flush=True)
     print(f"{failed} failures" if failed else "all kernels compile")
     return 1 if failed else 0
 
