@@ -35,10 +35,6 @@ class EMAAnnotators:
     def __len__(self) -> int:
         return len(self.emas)
 
-    @property
-    def optimization_step(self) -> int:
-        return self.emas[0].optimization_step if self.emas else 0
-
     @torch.no_grad()
     def step(self) -> None:
         """One EMA update of every annotator from the current parameters (after an optimiser step)."""

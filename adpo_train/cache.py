@@ -28,11 +28,6 @@ from .errors import UserError
 
 
 @torch.no_grad()
-def encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
-    return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
-
-
-@torch.no_grad()
 def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator, chunk: int | None = None) -> torch.Tensor:
     """``(n, 2, 3, R, R)`` pixels -> ``(n, 2, C, h, w)`` scaled latent samples, ``chunk`` images per VAE
     call (``--vae_encode_batch_size``)."""

@@ -247,10 +247,6 @@ def locate_model(name: str, revision: Optional[str] = None, cache_dir: Optional[
                        f"(e.g. `huggingface-cli download {name} --local-dir DIR`).")
 
 
-def is_sdxl(unet) -> bool:
-    return getattr(unet.config, "addition_embed_type", None) == "text_time"
-
-
 # -- SDXL: two text encoders, pooled embeddings, micro-conditioning --------------------------------
 def is_sdxl_folder(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "text_encoder_2"))

@@ -3,7 +3,7 @@
 Benchmarks (each appends rows to ``bench/results/<name>.csv``, or ``--results-dir``):
 
     loss     the fused loss: eager / compiled / triton / cuda / cpu providers (bench/loss.py)
-    train    trainer throughput (bench/train.py, issue 6), when present
+    train    trainer throughput: the trainer's own step vs the published loop (bench/train.py), when present
 
 Tools:
 
@@ -26,8 +26,8 @@ import sys
 import torch
 
 BENCHMARKS = {
-    "loss": "fused loss forward/backward per provider (issues 3, 4)",
-    "train": "trainer throughput: baseline loop, DPO, Adaptive-DPO (issue 6)",
+    "loss": "fused loss forward/backward per provider",
+    "train": "trainer throughput: baseline loop, DPO, Adaptive-DPO",
 }
 
 
