@@ -23,20 +23,9 @@ import time
 import torch
 
 from . import safedir
+from .conditioning import encode_images, load_text_encoders, time_ids
 from .data import CACHE_INDEX, PickAPicPairs, decode_image, pair_augmentation
 from .errors import UserError
-
-
-@torch.no_grad()
-def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator, chunk: int | None = None) -> torch.Tensor:
-    """``(n, 2, 3, R, R)`` pixels -> ``(n, 2, C, h, w)`` scaled latent samples, ``chunk`` images per VAE
-    call (``--vae_encode_batch_size``)."""
-    n = pixels.shape[0]
-    flat = pixels.reshape(n * 2, *pixels.shape[2:]).to(vae.device, vae.dtype)
-    chunk = chunk or flat.shape[0]
-    lat = torch.cat([vae.encode(flat[i:i + chunk]).latent_dist.sample(generator=generator)
-                     for i in range(0, flat.shape[0], chunk)]) * vae.config.scaling_factor
-    return lat.reshape(n, 2, *lat.shape[1:])
 
 
 def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str = "train", resolution: int = 512,
@@ -45,7 +34,7 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
                 variant=None, log=print, hflip: bool = False, random_crop: bool = False, vae_path=None) -> dict:
     from safetensors.torch import save_file
 
-    from .models import encoder_fingerprint, load_text_encoders, load_vae, time_ids
+    from .models import encoder_fingerprint, load_vae
 
     safedir.check_replaceable(out_dir, "--latent_cache")  # refuse before any slow loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

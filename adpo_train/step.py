@@ -45,7 +45,7 @@ def step_inputs(batch: dict, scheduler, gen: torch.Generator, device, weight_dty
             text = batch["text"].to(device, weight_dtype)
             pooled = batch["pooled"].to(device, weight_dtype) if "pooled" in batch else None
         else:
-            from .cache import encode_images
+            from .conditioning import encode_images
 
             lat = encode_images(vae, batch["pixels"], vae_gen, vae_chunk).float()
             ids = {k: batch[k] for k in ("input_ids", "input_ids_2") if k in batch}

@@ -134,7 +134,7 @@ def pretrain_unet(parts: dict, steps: int = PRETRAIN_STEPS, batch_size: int = PR
     """
     import torch
 
-    from .data import tokenize
+    from .conditioning import tokenize
 
     unet, vae, te, tok, sched = (parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
     rng = np.random.default_rng(seed + 2000)

@@ -40,11 +40,11 @@ from . import skip
 from .annotators import EMAAnnotators, MixedBatchAnnotators
 from .cache import check_cache_fits
 from .compat import beta_note
+from .conditioning import load_text_encoders
 from .data import (CachedPairDataset, ImagePairDataset, PairBatchSampler, PickAPicPairs, SyntheticPairDataset,
                    collate_cached, collate_images)
-from .models import (LORA_WEIGHT_NAME, add_lora, build_unet, load_lora_state_dict, load_scheduler,
-                     load_text_encoders, load_unet, load_vae, lora_state_dict, save_lora_diffusers, set_attention,
-                     text_shape)
+from .models import (LORA_WEIGHT_NAME, add_lora, build_unet, load_lora_state_dict, load_scheduler, load_unet,
+                     load_vae, lora_state_dict, save_lora_diffusers, set_attention, text_shape)
 from .errors import Interrupted, RunCutShort, UserError
 from .signals import StopRequest
 from .state import F, StepMetrics, StepOptions, TrainState, train_step
