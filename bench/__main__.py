@@ -1,6 +1,7 @@
 """``python -m bench <command>`` (also installed as ``adpo-bench``).
 
-Benchmarks (each appends rows to ``bench/results/<name>.csv``, or ``--results-dir``):
+Benchmarks (each appends rows to ``<results dir>/<name>.csv``; ``--results-dir``, by default
+``bench/results`` under the current directory, the repository's folder when run from its root):
 
     loss     the fused loss: eager / compiled / triton / cuda / cpu providers (bench/loss.py)
     train    trainer throughput: the trainer's own step vs the published loop (bench/train.py), when present
@@ -45,7 +46,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="cpu or cuda (default: cuda when visible)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="shorter measurements (the GPU check uses this)")
-    p.add_argument("--results-dir", help="where <bench>.csv is appended (default bench/results)")
+    p.add_argument("--results-dir",
+                   help="where <bench>.csv is appended (default: bench/results under the current directory)")
     p.add_argument("--note", default="", help="free text stored in every row (e.g. machine load)")
     p.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
 
