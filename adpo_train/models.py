@@ -32,6 +32,18 @@ def load_unet(path: str, variant: Optional[str] = None):
                                                 local_files_only=True, use_safetensors=True)
 
 
+# Stable Diffusion's DDPM training noise schedule (SD1.5's and SDXL's scheduler configs)
+SD_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False)
+
+
+def sd_scheduler(prediction_type: str = "epsilon", **extra):
+    """A ``DDPMScheduler`` with :data:`SD_NOISE_SCHEDULE` (for a UNet without a model folder)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SD_NOISE_SCHEDULE, prediction_type=prediction_type, **extra)
+
+
 def load_scheduler(path: str, prediction_type: Optional[str] = None):
     from diffusers import DDPMScheduler
 

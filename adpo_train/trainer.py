@@ -44,7 +44,7 @@ from .conditioning import load_text_encoders
 from .data import (CachedPairDataset, ImagePairDataset, PairBatchSampler, PickAPicPairs, SyntheticPairDataset,
                    collate_cached, collate_images)
 from .models import (LORA_WEIGHT_NAME, add_lora, build_unet, load_lora_state_dict, load_scheduler, load_unet,
-                     load_vae, lora_state_dict, save_lora_diffusers, set_attention, text_shape)
+                     load_vae, lora_state_dict, save_lora_diffusers, sd_scheduler, set_attention, text_shape)
 from .errors import Interrupted, RunCutShort, UserError
 from .signals import StopRequest
 from .state import F, StepMetrics, StepOptions, TrainState, train_step
@@ -197,11 +197,7 @@ def _build_models(args: Namespace, device, weight_dtype, log):
     if args.pretrained_model_name_or_path:
         scheduler = load_scheduler(args.pretrained_model_name_or_path, args.prediction_type)
     else:  # --unet_config without a model folder: SD's training scheduler
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                  beta_schedule="scaled_linear", prediction_type=args.prediction_type or "epsilon",
-                                  clip_sample=False)
+        scheduler = sd_scheduler(args.prediction_type or "epsilon")
     unet = (build_unet(args.unet_config, args.seed) if args.unet_config
             else load_unet(args.pretrained_model_name_or_path, args.variant))
     set_attention(unet, args.attention, log)
@@ -472,10 +468,22 @@ def flush_pairs(run: _Run) -> None:
     rows.clear()
 
 
-def write_checkpoint(run: _Run) -> str:
-    """An atomic ``checkpoint-<step>`` of the run at its current step and data position."""
+def _write_checkpoint_files(run: _Run, meta: dict, path: str) -> dict:
+    """Fill checkpoint folder ``path`` with this rank's files; returns ``meta`` (trainer_state.json)."""
     from safetensors.torch import save_file
 
+    st, acc = run.state, run.accelerator
+    acc.save_state(path, safe_serialization=True)
+    if st.annotators is not None and run.main_proc:  # identical on every rank (whole parameters everywhere)
+        save_file(st.annotators.state_tensors(), os.path.join(path, "ema.safetensors"))
+    save_file({"noise_generator": st.gen.get_state(), "vae_generator": st.vae_gen.get_state(),
+               "metrics": st.buf.cpu()},
+              os.path.join(path, f"trainer_rng_{acc.process_index}.safetensors"))
+    return meta
+
+
+def write_checkpoint(run: _Run) -> str:
+    """An atomic ``checkpoint-<step>`` of the run at its current step and data position."""
     flush_pairs(run)
     args, st, acc = run.args, run.state, run.accelerator
     step = st.global_step
@@ -483,16 +491,7 @@ def write_checkpoint(run: _Run) -> str:
             "num_corrupt_seen": st.num_corrupt_seen, "steps_since_log": st.steps_since_log,
             "skipped_steps_total": st.skipped_total, "world_size": acc.num_processes,
             "ema": st.annotators.state_meta() if st.annotators is not None else None}
-
-    def write(path):
-        acc.save_state(path, safe_serialization=True)
-        if st.annotators is not None and run.main_proc:  # identical on every rank (whole parameters everywhere)
-            save_file(st.annotators.state_tensors(), os.path.join(path, "ema.safetensors"))
-        save_file({"noise_generator": st.gen.get_state(), "vae_generator": st.vae_gen.get_state(),
-                   "metrics": st.buf.cpu()},
-                  os.path.join(path, f"trainer_rng_{acc.process_index}.safetensors"))
-        return meta
-
+    write = functools.partial(_write_checkpoint_files, run, meta)
     acc.wait_for_everyone()
     if acc.num_processes == 1:
         return ckpt.save_atomic(args.output_dir, step, write, args.checkpoints_total_limit)

@@ -88,10 +88,9 @@ def _peak_flops(env: dict, device: torch.device):
 
 # -- inputs ------------------------------------------------------------------------------------
 def _scheduler():
-    from diffusers import DDPMScheduler
+    from adpo_train.models import sd_scheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False)
+    return sd_scheduler()
 
 
 def _cached_batch(spec: dict, unet_cfg, device) -> dict:
