@@ -28,7 +28,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import time
 from argparse import Namespace
 from typing import Optional
@@ -406,9 +405,7 @@ def _resume(run: _Run) -> None:
 
     args, st, acc = run.args, run.state, run.accelerator
     if run.main_proc:
-        for name in os.listdir(args.output_dir):
-            if name.startswith(".tmp-checkpoint-"):  # left by a save that crashed: never complete
-                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+        ckpt.remove_partial(args.output_dir)  # left by a save that crashed: never complete
     resume = ckpt.resolve(args.output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint and resume is None:
         run.log(f"no checkpoint in {args.output_dir}; starting fresh")
@@ -496,7 +493,7 @@ def write_checkpoint(run: _Run) -> str:
     if acc.num_processes == 1:
         return ckpt.save_atomic(args.output_dir, step, write, args.checkpoints_total_limit)
     # several processes: every rank writes its files into the main process's temporary folder
-    tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
+    tmp = ckpt.tmp_path(args.output_dir, step)
     if run.main_proc:
         ckpt.begin(args.output_dir, step)
     acc.wait_for_everyone()
