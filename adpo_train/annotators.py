@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 import torch
 
 
-class EMAAnnotators:
-    """K EMA copies of ``params`` (diffusers ``EMAModel`` semantics), swapped in place for evaluation."""
+class EMAWeights:
+    """K EMA copies of ``params`` (diffusers ``EMAModel`` semantics), with their checkpoint form."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], names: Sequence[str], decays: Sequence[float]):
         from diffusers.training_utils import EMAModel
@@ -30,20 +30,73 @@ class EMAAnnotators:
         self.decays = [float(d) for d in decays]
         self.emas = [EMAModel(self.params, decay=d, min_decay=0.0, update_after_step=0, use_ema_warmup=False,
                               foreach=True) for d in self.decays]
-        self._backup = [p.detach().clone() for p in self.params] if self.decays else []
-
-    def __len__(self) -> int:
-        return len(self.emas)
-
-    @property
-    def optimization_step(self) -> int:
-        return self.emas[0].optimization_step if self.emas else 0
 
     @torch.no_grad()
     def step(self) -> None:
-        """One EMA update of every annotator from the current parameters (after an optimiser step)."""
+        """One EMA update of every copy from the current parameters (after an optimiser step)."""
         for ema in self.emas:
             ema.step(self.params)
+
+    # -- checkpointing (safetensors tensors + JSON scalars) ---------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"ema{k}.{name}": s.detach().contiguous().cpu()
+                for k, ema in enumerate(self.emas) for name, s in zip(self.names, ema.shadow_params)}
+
+    def state_meta(self) -> dict:
+        return {"decays": self.decays, "optimization_steps": [e.optimization_step for e in self.emas]}
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if [float(d) for d in meta["decays"]] != self.decays:
+            raise ValueError(f"checkpoint EMA decays {meta['decays']} differ from --ema_decays {self.decays}")
+        for k, ema in enumerate(self.emas):
+            for name, s in zip(self.names, ema.shadow_params):
+                s.copy_(tensors[f"ema{k}.{name}"])
+            ema.optimization_step = int(meta["optimization_steps"][k])
+
+
+class Annotators:
+    """The interface the training step uses: EMA weights (:class:`EMAWeights`, held, not inherited)
+    and one way to evaluate them, :meth:`predict_with_reference`.  Two strategies:
+    :class:`EMAAnnotators` (swap the weights in place) and :class:`MixedBatchAnnotators` (one
+    mixed-adapter forward)."""
+
+    def __init__(self, weights: EMAWeights):
+        self.weights = weights
+
+    params = property(lambda self: self.weights.params)
+    names = property(lambda self: self.weights.names)
+    decays = property(lambda self: self.weights.decays)
+    emas = property(lambda self: self.weights.emas)
+
+    def __len__(self) -> int:
+        return len(self.weights.emas)
+
+    def step(self) -> None:
+        self.weights.step()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.weights.state_tensors()
+
+    def state_meta(self) -> dict:
+        return self.weights.state_meta()
+
+    def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.weights.load(tensors, meta)
+
+    def predict_with_reference(self, forward: Callable[..., torch.Tensor], reference: Callable[[], torch.Tensor],
+                               rows: int, *inputs):
+        """``(reference prediction, [annotator k's prediction])``, all under no_grad: ``forward(*inputs)``
+        runs the UNet, ``reference()`` gives the reference prediction, ``rows``: rows of ``inputs``."""
+        raise NotImplementedError
+
+
+class EMAAnnotators(Annotators):
+    """Evaluated by swapping each EMA copy into the live parameters in place."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], names: Sequence[str], decays: Sequence[float]):
+        super().__init__(EMAWeights(params, names, decays))
+        self._backup = [p.detach().clone() for p in self.params] if self.decays else []
 
     @contextlib.contextmanager
     def swapped(self, k: int):
@@ -66,26 +119,14 @@ class EMAAnnotators:
                 preds.append(forward())
         return preds
 
-    # -- checkpointing (safetensors tensors + JSON scalars) ---------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"ema{k}.{name}": s.detach().contiguous().cpu()
-                for k, ema in enumerate(self.emas) for name, s in zip(self.names, ema.shadow_params)}
-
-    def state_meta(self) -> dict:
-        return {"decays": self.decays, "optimization_steps": [e.optimization_step for e in self.emas]}
-
     @torch.no_grad()
-    def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        if [float(d) for d in meta["decays"]] != self.decays:
-            raise ValueError(f"checkpoint EMA decays {meta['decays']} differ from --ema_decays {self.decays}")
-        for k, ema in enumerate(self.emas):
-            for name, s in zip(self.names, ema.shadow_params):
-                s.copy_(tensors[f"ema{k}.{name}"])
-            ema.optimization_step = int(meta["optimization_steps"][k])
+    def predict_with_reference(self, forward, reference, rows, *inputs):
+        ref = reference()
+        return ref, self.predict(lambda: forward(*inputs))
 
 
-class MixedBatchAnnotators(EMAAnnotators):
-    """The same EMA annotators, held as extra (frozen) peft LoRA adapters of the UNet, so that the
+class MixedBatchAnnotators(Annotators):
+    """The EMA annotators held as extra (frozen) peft LoRA adapters of the UNet, so that the
     reference and every annotator run as ONE no-grad forward over ``(1 + K) * 2B`` rows with
     per-row adapter selection (peft's mixed-batch LoRA forward: the base layer runs once over all
     rows, each adapter's low-rank update only over its rows; ``"__base__"`` rows get none, which
@@ -93,7 +134,7 @@ class MixedBatchAnnotators(EMAAnnotators):
     so nothing is swapped and no backup is kept.
 
     ``adapter_names`` is routed to the LoRA layers by forward pre-hooks registered once; they read
-    :attr:`names` (``None`` outside :meth:`predict_with_reference`), so a compiled UNet sees two
+    :attr:`names_now` (``None`` outside :meth:`predict_with_reference`), so a compiled UNet sees two
     stable states and never recompiles per step.  LoRA mode only (a full fine-tune has no adapters).
     """
 
@@ -104,8 +145,7 @@ class MixedBatchAnnotators(EMAAnnotators):
 
         from peft.tuners.lora import LoraLayer
 
-        super().__init__(params, names, decays)
-        self._backup = []
+        super().__init__(EMAWeights(params, names, decays))
         cfg = unet.peft_config["default"]
         self.adapter_names = [f"{self.PREFIX}{k}" for k in range(len(self.decays))]
         import warnings
@@ -136,8 +176,9 @@ class MixedBatchAnnotators(EMAAnnotators):
         return args, {**kwargs, "adapter_names": self.names_now}
 
     @torch.no_grad()
-    def predict_with_reference(self, forward: Callable[..., torch.Tensor], rows: int, *inputs):
-        """``(reference, [annotator k])`` from one forward of ``forward(*repeated inputs)``."""
+    def predict_with_reference(self, forward, reference, rows, *inputs):
+        """``(reference, [annotator k])`` from one forward of ``forward(*repeated inputs)`` (``reference``
+        is not called: the ``"__base__"`` rows are the reference)."""
         groups = ["__base__"] + self.adapter_names
         self.names_now = [g for g in groups for _ in range(rows)]
         try:

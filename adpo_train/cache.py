@@ -23,34 +23,16 @@ import time
 import torch
 
 from . import safedir
+from .conditioning import encode_images, load_text_encoders, time_ids
 from .data import CACHE_INDEX, PickAPicPairs, decode_image, pair_augmentation
 from .errors import UserError
-
-
-@torch.no_grad()
-def encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
-    return text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0]
-
-
-@torch.no_grad()
-def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator, chunk: int | None = None) -> torch.Tensor:
-    """``(n, 2, 3, R, R)`` pixels -> ``(n, 2, C, h, w)`` scaled latent samples, ``chunk`` images per VAE
-    call (``--vae_encode_batch_size``)."""
-    n = pixels.shape[0]
-    flat = pixels.reshape(n * 2, *pixels.shape[2:]).to(vae.device, vae.dtype)
-    chunk = chunk or flat.shape[0]
-    lat = torch.cat([vae.encode(flat[i:i + chunk]).latent_dist.sample(generator=generator)
-                     for i in range(0, flat.shape[0], chunk)]) * vae.config.scaling_factor
-    return lat.reshape(n, 2, *lat.shape[1:])
 
 
 def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str = "train", resolution: int = 512,
                 batch_size: int = 8, shard_size: int = 1024, flip_ratio: float = 0.0, flip_seed: int = 0,
                 max_pairs=None, seed: int = 0, dtype: str = "float32", device: str | None = None,
                 variant=None, log=print, hflip: bool = False, random_crop: bool = False, vae_path=None) -> dict:
-    from safetensors.torch import save_file
-
-    from .models import encoder_fingerprint, load_text_encoders, load_vae, time_ids
+    from .models import encoder_fingerprint, load_vae
 
     safedir.check_replaceable(out_dir, "--latent_cache")  # refuse before any slow loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -60,34 +42,7 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
     pairs = PickAPicPairs(dataset_path, split, flip_ratio, flip_seed, max_pairs)
     gen = torch.Generator(device=device).manual_seed(seed)
     tmp = safedir.begin(out_dir, "--latent_cache", "latent cache")
-    shards, buf, num_corrupt, t0 = [], [], 0, time.time()
-    kept_rows, kept_flipped = [], []
-
-    def flush_buffer():
-        pix = torch.stack([b[0] for b in buf])
-        ids = {k: torch.stack([b[1][k] for b in buf]) for k in buf[0][1]}
-        text, pooled = encoders.encode(**ids)
-        if pooled is not None:
-            pooled_acc.append(pooled.to(store_dtype).cpu())
-            tid_acc.append(torch.stack([b[4] for b in buf]))
-        return encode_images(vae, pix, gen).to(store_dtype).cpu(), text.to(store_dtype).cpu()
-
-    lat_acc, txt_acc, meta_acc, pooled_acc, tid_acc = [], [], [], [], []
-
-    def write_shard():
-        if not lat_acc:
-            return
-        name = f"shard-{len(shards):05d}.safetensors"
-        fl = torch.tensor([m[1] for m in meta_acc], dtype=torch.uint8)
-        rows = torch.tensor([m[0] for m in meta_acc], dtype=torch.int64)
-        tensors = {"latents": torch.cat(lat_acc).contiguous(), "text": torch.cat(txt_acc).contiguous(),
-                   "flipped": fl, "row": rows}
-        if pooled_acc:
-            tensors.update(pooled=torch.cat(pooled_acc).contiguous(), time_ids=torch.cat(tid_acc).contiguous())
-        save_file(tensors, os.path.join(tmp, name))
-        shards.append({"file": name, "num_pairs": len(meta_acc)})
-        lat_acc.clear(), txt_acc.clear(), meta_acc.clear(), pooled_acc.clear(), tid_acc.clear()
-
+    shards, buf, num_corrupt, t0 = _Shards(tmp), [], 0, time.time()
     for i in range(len(pairs)):
         r = pairs.raw(i)
         aug = pair_augmentation(seed, i, hflip, random_crop)  # one view per pair, fixed at cache time
@@ -99,20 +54,14 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
         ids = {k: v[0] for k, v in encoders.tokenize([r["caption"]]).items()}
         buf.append((torch.stack([w, l]), ids, r["row"], r["flipped"], tids))
         if len(buf) == batch_size or i == len(pairs) - 1:
-            lat, txt = flush_buffer()
-            lat_acc.append(lat), txt_acc.append(txt)
-            meta_acc.extend((b[2], b[3]) for b in buf)
-            kept_rows.extend(b[2] for b in buf), kept_flipped.extend(b[3] for b in buf)
+            shards.add(buf, *_encode(buf, encoders, vae, gen, store_dtype))
             buf.clear()
-            if sum(len(x) for x in lat_acc) >= shard_size:
-                write_shard()
+            if shards.pending() >= shard_size:
+                shards.write()
     if buf:
-        lat, txt = flush_buffer()
-        lat_acc.append(lat), txt_acc.append(txt)
-        meta_acc.extend((b[2], b[3]) for b in buf)
-        kept_rows.extend(b[2] for b in buf), kept_flipped.extend(b[3] for b in buf)
-    write_shard()
-    if not shards:
+        shards.add(buf, *_encode(buf, encoders, vae, gen, store_dtype))
+    shards.write()
+    if not shards.files:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)  # ours (begin() made it): leave no half-built folder
@@ -123,17 +72,64 @@ def build_cache(model_path: str, dataset_path: str, out_dir: str, *, split: str 
             "dataset": os.path.abspath(dataset_path), "split": split, "resolution": resolution,
             "scaling_factor": float(vae.config.scaling_factor), "dtype": dtype, "seed": seed,
             "num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": num_corrupt,
-            "num_pairs": sum(s["num_pairs"] for s in shards), "shards": shards, "sdxl": encoders.sdxl,
+            "num_pairs": sum(s["num_pairs"] for s in shards.files), "shards": shards.files, "sdxl": encoders.sdxl,
             "flip_ratio": flip_ratio, "flip_seed": flip_seed, "hflip": hflip, "random_crop": random_crop,
-            "flipped_pairs": [k for k, f in enumerate(kept_flipped) if f],
-            "flipped_rows": [r for r, f in zip(kept_rows, kept_flipped) if f]}
+            "flipped_pairs": [k for k, f in enumerate(shards.flipped) if f],
+            "flipped_rows": [r for r, f in zip(shards.rows, shards.flipped) if f]}
     with open(os.path.join(tmp, CACHE_INDEX), "w") as f:
         json.dump(meta, f)
     safedir.commit(tmp, out_dir)
-    log(f"cache: {meta['num_pairs']} pairs in {len(shards)} shard(s) at {out_dir} "
+    log(f"cache: {meta['num_pairs']} pairs in {len(shards.files)} shard(s) at {out_dir} "
         f"({pairs.num_ties} ties dropped, {num_corrupt} corrupt pairs skipped, "
         f"{len(meta['flipped_pairs'])} flipped) in {time.time() - t0:.1f}s")
     return meta
+
+
+def _encode(buf: list, encoders, vae, gen: torch.Generator, store_dtype: torch.dtype):
+    """``(latents, text, pooled or None)`` of a batch of buffered pairs, on the host in ``store_dtype``."""
+    pix = torch.stack([b[0] for b in buf])
+    ids = {k: torch.stack([b[1][k] for b in buf]) for k in buf[0][1]}
+    text, pooled = encoders.encode(**ids)
+    pooled = None if pooled is None else pooled.to(store_dtype).cpu()
+    return encode_images(vae, pix, gen).to(store_dtype).cpu(), text.to(store_dtype).cpu(), pooled
+
+
+class _Shards:
+    """Encoded pairs gathered into ``shard-NNNNN.safetensors`` files; ``files`` lists those written,
+    ``rows`` and ``flipped`` every kept pair in order."""
+
+    def __init__(self, folder: str):
+        self.folder, self.files, self.rows, self.flipped = folder, [], [], []
+        self._lat, self._txt, self._meta, self._pooled, self._tids = [], [], [], [], []
+
+    def add(self, buf: list, lat: torch.Tensor, txt: torch.Tensor, pooled) -> None:
+        self._lat.append(lat)
+        self._txt.append(txt)
+        if pooled is not None:  # SDXL
+            self._pooled.append(pooled)
+            self._tids.append(torch.stack([b[4] for b in buf]))
+        self._meta.extend((b[2], b[3]) for b in buf)
+        self.rows.extend(b[2] for b in buf)
+        self.flipped.extend(b[3] for b in buf)
+
+    def pending(self) -> int:
+        return sum(len(x) for x in self._lat)
+
+    def write(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self._lat:
+            return
+        name = f"shard-{len(self.files):05d}.safetensors"
+        tensors = {"latents": torch.cat(self._lat).contiguous(), "text": torch.cat(self._txt).contiguous(),
+                   "flipped": torch.tensor([m[1] for m in self._meta], dtype=torch.uint8),
+                   "row": torch.tensor([m[0] for m in self._meta], dtype=torch.int64)}
+        if self._pooled:
+            tensors.update(pooled=torch.cat(self._pooled).contiguous(), time_ids=torch.cat(self._tids).contiguous())
+        save_file(tensors, os.path.join(self.folder, name))
+        self.files.append({"file": name, "num_pairs": len(self._meta)})
+        for acc in (self._lat, self._txt, self._meta, self._pooled, self._tids):
+            acc.clear()
 
 
 def check_cache_fits(args, meta: dict, dataset, unet, log=print) -> None:

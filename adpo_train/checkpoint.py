@@ -19,6 +19,7 @@ from typing import Callable, Optional
 from .errors import MissingInput, UserError
 
 STATE_FILE = "trainer_state.json"
+TMP_PREFIX = ".tmp-checkpoint-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -61,7 +62,7 @@ def run_outputs(output_dir: str, logging_dir: str = "logs") -> list[str]:
         return []
     names = set(RUN_FILES) | set(RUN_DIRS) | {logging_dir}
     return sorted(n for n in os.listdir(output_dir)
-                  if n in names or _NAME.match(n) or n.startswith(".tmp-checkpoint-"))
+                  if n in names or _NAME.match(n) or n.startswith(TMP_PREFIX))
 
 
 def check_output_dir(output_dir: str, resuming: bool, overwrite: bool, logging_dir: str = "logs",
@@ -98,19 +99,29 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def tmp_path(output_dir: str, step: int) -> str:
+    """The temporary folder checkpoint ``step`` is written into before it is renamed."""
+    return os.path.join(output_dir, f"{TMP_PREFIX}{step}")
+
+
+def remove_partial(output_dir: str) -> None:
+    """Remove the temporary folders of saves that never completed (a crash mid-write)."""
+    for name in os.listdir(output_dir):
+        if name.startswith(TMP_PREFIX):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
 def begin(output_dir: str, step: int) -> str:
     """Remove leftovers of interrupted saves and create the temporary folder of checkpoint ``step``."""
-    for name in os.listdir(output_dir):
-        if name.startswith(".tmp-checkpoint-"):
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    remove_partial(output_dir)
+    tmp = tmp_path(output_dir, step)
     os.makedirs(tmp)
     return tmp
 
 
 def finish(output_dir: str, step: int, state: dict, total_limit: Optional[int] = None) -> str:
     """Write ``trainer_state.json`` last, rename the folder into place, prune old checkpoints."""
-    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    tmp = tmp_path(output_dir, step)
     final = os.path.join(output_dir, f"checkpoint-{step}")
     with open(os.path.join(tmp, STATE_FILE + ".part"), "w") as f:
         json.dump(state, f, indent=1)

@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from .conditioning import TextEncoders, time_ids, tokenize
 from .errors import MissingInput, UserError
 
 REQUIRED_COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
@@ -181,15 +182,10 @@ class PickAPicPairs:
                 "flipped_rows": self.rows[self.flipped].tolist()}
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                     return_tensors="pt").input_ids
-
-
 class ImagePairDataset(torch.utils.data.Dataset):
     """Decoded pixels of both images and the caption's token ids; ``None`` pixels if an image is corrupt.
 
-    ``tokenizer``: a CLIP tokenizer, or a :class:`adpo_train.models.TextEncoders` (SDXL: both
+    ``tokenizer``: a CLIP tokenizer, or a :class:`adpo_train.conditioning.TextEncoders` (SDXL: both
     tokenizers' ids and per-image ``time_ids`` ``(2, 6)``).
     """
 
@@ -197,19 +193,17 @@ class ImagePairDataset(torch.utils.data.Dataset):
                  random_crop: bool = False, seed: int = 0):
         self.pairs, self.tokenizer, self.resolution = pairs, tokenizer, resolution
         self.hflip, self.random_crop, self.seed = hflip, random_crop, seed
-        self.sdxl = bool(getattr(tokenizer, "sdxl", False))
+        self.sdxl = isinstance(tokenizer, TextEncoders) and tokenizer.sdxl
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict:
-        from .models import time_ids
-
         r = self.pairs.raw(i)
         aug = pair_augmentation(self.seed, i, self.hflip, self.random_crop)
         (w, wm), (l, lm) = (decode_image(r[k], self.resolution, with_meta=True, **aug) for k in ("winner", "loser"))
         pixels = None if w is None or l is None else torch.stack([w, l])
-        if hasattr(self.tokenizer, "tok1"):  # TextEncoders
+        if isinstance(self.tokenizer, TextEncoders):
             item = {k: v[0] for k, v in self.tokenizer.tokenize([r["caption"]]).items()}
         else:
             item = {"input_ids": tokenize(self.tokenizer, [r["caption"]])[0]}

@@ -32,6 +32,18 @@ def load_unet(path: str, variant: Optional[str] = None):
                                                 local_files_only=True, use_safetensors=True)
 
 
+# Stable Diffusion's DDPM training noise schedule (SD1.5's and SDXL's scheduler configs)
+SD_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False)
+
+
+def sd_scheduler(prediction_type: str = "epsilon", **extra):
+    """A ``DDPMScheduler`` with :data:`SD_NOISE_SCHEDULE` (for a UNet without a model folder)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SD_NOISE_SCHEDULE, prediction_type=prediction_type, **extra)
+
+
 def load_scheduler(path: str, prediction_type: Optional[str] = None):
     from diffusers import DDPMScheduler
 
@@ -247,73 +259,9 @@ def locate_model(name: str, revision: Optional[str] = None, cache_dir: Optional[
                        f"(e.g. `huggingface-cli download {name} --local-dir DIR`).")
 
 
-def is_sdxl(unet) -> bool:
-    return getattr(unet.config, "addition_embed_type", None) == "text_time"
-
-
 # -- SDXL: two text encoders, pooled embeddings, micro-conditioning --------------------------------
 def is_sdxl_folder(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "text_encoder_2"))
-
-
-def load_text_encoders(path: str, variant: Optional[str] = None):
-    """``TextEncoders`` (one for SD1.5-style folders, two for SDXL-style folders), frozen."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    check_local_model(path)
-    kw = dict(variant=variant, local_files_only=True, use_safetensors=True)
-    te1 = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
-    tok1 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-    te2 = tok2 = None
-    if is_sdxl_folder(path):
-        te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
-        tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
-    return TextEncoders(te1, tok1, te2, tok2)
-
-
-class TextEncoders:
-    """SD1.5: the last hidden state of one CLIP encoder.  SDXL (as diffusers' SDXL pipelines and
-    training scripts do): the penultimate hidden states of both encoders, concatenated on the
-    feature axis, plus the second encoder's pooled, projected embedding."""
-
-    def __init__(self, te1, tok1, te2=None, tok2=None):
-        self.te1, self.tok1, self.te2, self.tok2 = te1, tok1, te2, tok2
-        for m in (te1, te2):
-            if m is not None:
-                m.requires_grad_(False).eval()
-
-    @property
-    def sdxl(self) -> bool:
-        return self.te2 is not None
-
-    def to(self, device, dtype=None):
-        for m in (self.te1, self.te2):
-            if m is not None:
-                m.to(device, dtype=dtype)
-        return self
-
-    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        from .data import tokenize
-
-        ids = {"input_ids": tokenize(self.tok1, captions)}
-        if self.sdxl:
-            ids["input_ids_2"] = tokenize(self.tok2, captions)
-        return ids
-
-    @torch.no_grad()
-    def encode(self, input_ids: torch.Tensor, input_ids_2: Optional[torch.Tensor] = None):
-        """``(text (n, L, D), pooled (n, P) or None)``."""
-        dev = self.te1.device
-        if not self.sdxl:
-            return self.te1(input_ids.to(dev), return_dict=False)[0], None
-        h1 = self.te1(input_ids.to(dev), output_hidden_states=True).hidden_states[-2]
-        o2 = self.te2(input_ids_2.to(dev), output_hidden_states=True)
-        return torch.cat([h1, o2.hidden_states[-2]], dim=-1), o2.text_embeds
-
-
-def time_ids(original_hw, crop_top_left, target: int) -> torch.Tensor:
-    """SDXL micro-conditioning: ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``."""
-    return torch.tensor([*original_hw, *crop_top_left, target, target], dtype=torch.float32)
 
 
 def set_attention(unet, kind: str = "sdpa", log=print) -> str:

@@ -59,12 +59,8 @@ def optimizer_step(accel_optimizer, nonfinite: torch.Tensor) -> None:
 
 @torch.no_grad()
 def ema_step(annotators, nonfinite: torch.Tensor) -> None:
-    """One EMA update of every annotator, a no-op (bit for bit) where ``nonfinite``."""
-    from .annotators import EMAAnnotators
-
-    if not isinstance(annotators, EMAAnnotators):
-        annotators.step()  # MixedBatchAnnotators: the live params are unchanged by a skipped step
-        return
+    """One EMA update of every annotator (:class:`adpo_train.annotators.Annotators`, either strategy),
+    a no-op (bit for bit) where ``nonfinite``."""
     for ema in annotators.emas:
         # requires_grad marks them trainable for EMAModel (it copies, rather than averages, frozen ones)
         ema.step([torch.where(nonfinite, s, p.detach()).requires_grad_(p.requires_grad)

@@ -45,7 +45,7 @@ def step_inputs(batch: dict, scheduler, gen: torch.Generator, device, weight_dty
             text = batch["text"].to(device, weight_dtype)
             pooled = batch["pooled"].to(device, weight_dtype) if "pooled" in batch else None
         else:
-            from .cache import encode_images
+            from .conditioning import encode_images
 
             lat = encode_images(vae, batch["pixels"], vae_gen, vae_chunk).float()
             ids = {k: batch[k] for k in ("input_ids", "input_ids_2") if k in batch}
@@ -77,7 +77,8 @@ class StepModels:
     ``unet``: what the optimiser trains (possibly DDP-wrapped); ``base``: the unwrapped module
     (possibly compiled in place) used for every no-grad forward, so DDP never sees them;
     ``reference``: a frozen UNet (full fine-tune) or None (LoRA: adapters disabled);
-    ``annotators``: :class:`EMAAnnotators`, :class:`MixedBatchAnnotators` or None.
+    ``annotators``: an :class:`~adpo_train.annotators.Annotators` (swapped weights or one mixed-batch
+    forward) or None.
     """
 
     def __init__(self, unet, base, reference=None, annotators=None):
@@ -104,16 +105,11 @@ class StepModels:
     @torch.no_grad()
     def reference_and_annotators(self, x: dict, ready: bool):
         """``(reference prediction, [annotator predictions] or None)``; annotators only when ``ready``."""
-        from .annotators import MixedBatchAnnotators
-
-        ann = self.annotators
-        if ann is not None and ready and isinstance(ann, MixedBatchAnnotators):
-            return ann.predict_with_reference(lambda *a: self._call(self.base, *a), x["noisy"].shape[0],
-                                              x["noisy"], x["t"], x["enc"], x["added"])
-        ref = self.reference(x)
-        if ann is None or not ready:
-            return ref, None
-        return ref, ann.predict(lambda: self._call(self.base, x["noisy"], x["t"], x["enc"], x["added"]))
+        if self.annotators is None or not ready:
+            return self.reference(x), None
+        return self.annotators.predict_with_reference(lambda *a: self._call(self.base, *a),
+                                                      lambda: self.reference(x), x["noisy"].shape[0],
+                                                      x["noisy"], x["t"], x["enc"], x["added"])
 
     def loss(self, x: dict, cfg, ready: bool, backend: str = "auto"):
         """Reference and annotators (no grad), then the policy with grad and the loss."""

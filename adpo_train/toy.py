@@ -90,8 +90,10 @@ def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str
     """``dict(unet, vae, text_encoder, tokenizer, scheduler)``, randomly initialised from ``seed``;
     ``pretrain_steps > 0``: the UNet is then pre-trained on captioned toy images (:func:`pretrain_unet`)."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .models import sd_scheduler
 
     if log:
         log("toy model: building the tiny VAE (calibrated), text encoder and UNet, once (reused afterwards)")
@@ -114,9 +116,7 @@ def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str
         num_hidden_layers=2, max_position_embeddings=max_tokens, layer_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", prediction_type=prediction_type, clip_sample=False,
-                              steps_offset=1)
+    scheduler = sd_scheduler(prediction_type, steps_offset=1)
     parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
     if pretrain_steps > 0:
         pretrain_unet(parts, pretrain_steps, seed=seed, log=log)
@@ -134,7 +134,7 @@ def pretrain_unet(parts: dict, steps: int = PRETRAIN_STEPS, batch_size: int = PR
     """
     import torch
 
-    from .data import tokenize
+    from .conditioning import tokenize
 
     unet, vae, te, tok, sched = (parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
     rng = np.random.default_rng(seed + 2000)

@@ -1,5 +1,11 @@
 """The training loop: Adaptive-DPO (or plain Diffusion-DPO) on a LoRA of a diffusers UNet.
 
+Read top to bottom, :func:`_train` builds the models (:func:`_build_models`), the data
+(:func:`_build_data`), the :class:`~adpo_train.state.TrainState` (optimiser, accelerate's
+``prepare``, annotators, generators), resumes a checkpoint (:func:`_resume`), loops
+(:func:`_loop`: :func:`adpo_train.state.train_step` per micro-batch, then logging,
+checkpoints and stop requests in :func:`_after_step`) and saves (:func:`_finish`).
+
 One optimisation step, for a micro-batch of B pairs (rows stacked ``[winners; losers]``):
 
 1. latents and text embeddings, from the cache or from the VAE/text encoder (no grad);
@@ -18,38 +24,30 @@ at a step boundary with a checkpoint (:mod:`adpo_train.signals`); user errors ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
-import shutil
 import time
 from argparse import Namespace
+from typing import Optional
 
 import torch
-
-import adpo_kernels as ak
 
 from . import checkpoint as ckpt
 from . import skip
 from .annotators import EMAAnnotators, MixedBatchAnnotators
 from .cache import check_cache_fits
 from .compat import beta_note
+from .conditioning import load_text_encoders
 from .data import (CachedPairDataset, ImagePairDataset, PairBatchSampler, PickAPicPairs, SyntheticPairDataset,
                    collate_cached, collate_images)
-from .models import (LORA_WEIGHT_NAME, add_lora, build_unet, load_lora_state_dict, load_scheduler,
-                     load_text_encoders, load_unet, load_vae, lora_state_dict, save_lora_diffusers, set_attention,
-                     text_shape)
+from .models import (LORA_WEIGHT_NAME, add_lora, build_unet, load_lora_state_dict, load_scheduler, load_unet,
+                     load_vae, lora_state_dict, save_lora_diffusers, sd_scheduler, set_attention, text_shape)
 from .errors import Interrupted, RunCutShort, UserError
 from .signals import StopRequest
-from .step import StepModels, compile_unet, step_inputs
-
-# Device-side metric buffer: one slot per field, summed over optimisation steps between logs.
-FIELDS = ("loss", "implicit_acc", "weight_mean", "metric_mean", "logit_mean", "model_mse", "ref_mse",
-          "grad_norm", "nonfinite", "micro_batches", "skipped_steps", "flipped_weight_sum", "flipped_count",
-          "clean_weight_sum", "clean_count")
-F = {name: i for i, name in enumerate(FIELDS)}
-_COUNTERS = torch.tensor([name in ("nonfinite", "micro_batches", "skipped_steps") for name in FIELDS])
-
+from .state import F, StepMetrics, StepOptions, TrainState, train_step
+from .step import StepModels, compile_unet
 
 def _prepare_toy(args: Namespace, log) -> None:
     """Materialise the toy model, dataset and latent cache under OUTPUT_DIR/toy (reused when present)."""
@@ -107,17 +105,51 @@ def train(args: Namespace) -> dict:
 
 
 def _train(args: Namespace, stop: StopRequest) -> dict:
+    accelerator = _accelerator(args)
+    main_proc = accelerator.is_main_process
+    log = print if main_proc else (lambda *a, **k: None)
+    t_start = time.time()
+    _prepare_inputs(args, accelerator, log)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    scheduler, unet, reference_unet, named = _build_models(args, device, weight_dtype, log)
+    data = _build_data(args, accelerator, unet, weight_dtype, log)
+    sampler = PairBatchSampler(len(data.dataset), args.train_batch_size, args.seed, rank=accelerator.process_index,
+                               world=accelerator.num_processes)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * math.ceil(sampler.num_batches()
+                                                                 / args.gradient_accumulation_steps)
+    state = _build_state(args, accelerator, scheduler, unet, reference_unet, named, data, weight_dtype, log)
+    run = _Run(args, accelerator, stop, log, data, sampler, scheduler, state)
+    _resume(run)
+    run.use_tb = _trackers(args, accelerator, log)
+    _write_run_config(run, named)
+    if args.run_validation and main_proc:
+        from .validation import Validator
+
+        run.validator = Validator(args, state.models.base, device, weight_dtype, lambda: accelerator.trackers)
+    stopped = _loop(run)
+    if stopped is not None:
+        return stopped
+    return _finish(run, t_start)
+
+
+def _accelerator(args: Namespace):
+    """The Accelerator, after every rank has checked --output_dir (the main process clears it)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from safetensors.torch import load_file, save_file
+    from accelerate.utils import ProjectConfiguration
+
+    from .compat import trackers
 
     resuming = bool(args.resume_from_checkpoint) and (
         args.resume_from_checkpoint != "latest" or bool(ckpt.list_checkpoints(args.output_dir)))
     ckpt.check_output_dir(args.output_dir, resuming, bool(args.overwrite_output_dir), args.logging_dir,
                           remove=False)  # every rank refuses alike; the main process removes (below)
-    from .compat import trackers
-
     log_with = trackers(args.report_to)
     # cpu=True without a visible GPU: under torchrun that is what makes accelerate set up DDP over gloo
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
@@ -127,16 +159,19 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
                               project_config=ProjectConfiguration(project_dir=args.output_dir,
                                                                   logging_dir=os.path.join(args.output_dir,
                                                                                            args.logging_dir)))
-    main_proc = accelerator.is_main_process
     accelerator.wait_for_everyone()
-    if main_proc:
+    if accelerator.is_main_process:
         ckpt.check_output_dir(args.output_dir, resuming, bool(args.overwrite_output_dir), args.logging_dir)
         os.makedirs(args.output_dir, exist_ok=True)
     accelerator.wait_for_everyone()
     if accelerator.device.type == "cpu" and getattr(args, "cpu_threads", None):
         torch.set_num_threads(args.cpu_threads)
-    log = print if main_proc else (lambda *a, **k: None)
-    t_start = time.time()
+    return accelerator
+
+
+def _prepare_inputs(args: Namespace, accelerator, log) -> None:
+    """The toy model/data (--toy) and the latent cache (--cache_latents), built by the main process."""
+    main_proc = accelerator.is_main_process
     if args.toy:
         if main_proc:
             _prepare_toy(args, log)
@@ -154,23 +189,14 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
                         device=_dev(accelerator.device), variant=args.variant, log=log, hflip=not args.no_hflip,
                         random_crop=args.random_crop, vae_path=args.pretrained_vae_model_name_or_path)
         accelerator.wait_for_everyone()
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    set_seed(args.seed)
-    cfg: ak.AdaptiveDPOConfig = args.loss_config
-    device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    # -- models ---------------------------------------------------------------------------
-    cuda = device.type == "cuda"
+
+def _build_models(args: Namespace, device, weight_dtype, log):
+    """``(noise scheduler, UNet, frozen reference UNet or None, [(name, trained parameter)])``."""
     if args.pretrained_model_name_or_path:
         scheduler = load_scheduler(args.pretrained_model_name_or_path, args.prediction_type)
     else:  # --unet_config without a model folder: SD's training scheduler
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                  beta_schedule="scaled_linear", prediction_type=args.prediction_type or "epsilon",
-                                  clip_sample=False)
+        scheduler = sd_scheduler(args.prediction_type or "epsilon")
     unet = (build_unet(args.unet_config, args.seed) if args.unet_config
             else load_unet(args.pretrained_model_name_or_path, args.variant))
     set_attention(unet, args.attention, log)
@@ -187,36 +213,46 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
         unet.to(device, dtype=weight_dtype)
         named = add_lora(unet, args.rank, args.lora_alpha,
                          [t.strip() for t in args.lora_target_modules.split(",")], args.lora_init)
-    lora_names, lora_params = [n for n, _ in named], [p for _, p in named]
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
         if reference_unet is not None:
             reference_unet.to(memory_format=torch.channels_last)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    return scheduler, unet, reference_unet, named
 
-    # -- data -----------------------------------------------------------------------------
-    vae = text_encoder = None
-    flip_record = None
+
+@dataclasses.dataclass
+class _Data:
+    dataset: object
+    collate: object
+    flip_record: Optional[dict]
+    stats: dict
+    vae: object = None
+    text_encoder: object = None
+
+
+def _build_data(args: Namespace, accelerator, unet, weight_dtype, log) -> _Data:
+    """The pair dataset: synthetic, a latent cache, or images encoded in every step."""
+    device = accelerator.device
+    stat_keys = ("num_rows", "num_ties", "num_corrupt", "num_pairs")
     if args.synthetic_pairs:
         tokens, width, pooled = text_shape(args.unet_config)
         ss = unet.config.sample_size
         dataset = SyntheticPairDataset(args.synthetic_pairs, (unet.config.in_channels, ss, ss), (tokens, width),
                                        pooled, resolution=ss * 8, seed=args.seed)
         args.resolution = ss * 8
-        collate, meta = collate_cached, dataset.meta
-        flip_record = None
-        data_stats = {k: meta[k] for k in ("num_rows", "num_ties", "num_corrupt", "num_pairs")}
+        data = _Data(dataset, collate_cached, None, {k: dataset.meta[k] for k in stat_keys})
     elif args.latent_cache:
         if args.flip_ratio and not args.toy:
             log("note: --flip_ratio is applied when the cache is built; the cache's flips are used")
         dataset = CachedPairDataset(args.latent_cache)
-        collate = collate_cached
         meta = dataset.meta
         check_cache_fits(args, meta, dataset, unet, log)
         args.resolution = meta.get("resolution", args.resolution)  # what the latents were made at
-        flip_record = {k: meta[k] for k in ("flip_ratio", "flip_seed", "flipped_pairs", "flipped_rows")}
-        data_stats = {k: meta[k] for k in ("num_rows", "num_ties", "num_corrupt", "num_pairs")}
+        data = _Data(dataset, collate_cached,
+                     {k: meta[k] for k in ("flip_ratio", "flip_seed", "flipped_pairs", "flipped_rows")},
+                     {k: meta[k] for k in stat_keys})
     else:
         if not args.dataset_name:
             raise UserError("give --dataset_name or --latent_cache")
@@ -227,43 +263,38 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
         text_encoder = load_text_encoders(args.pretrained_model_name_or_path, args.variant).to(device, weight_dtype)
         dataset = ImagePairDataset(pairs, text_encoder, args.resolution, hflip=not args.no_hflip,
                                    random_crop=args.random_crop, seed=args.seed)
-        collate = collate_images
-        flip_record = pairs.flip_record()
-        data_stats = {"num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": None,
-                      "num_pairs": len(pairs)}
-    if main_proc and flip_record is not None:
+        data = _Data(dataset, collate_images, pairs.flip_record(),
+                     {"num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": None,
+                      "num_pairs": len(pairs)}, vae, text_encoder)
+    if accelerator.is_main_process and data.flip_record is not None:
         with open(os.path.join(args.output_dir, "flipped_pairs.json"), "w") as f:
-            json.dump(flip_record, f)
-    sampler = PairBatchSampler(len(dataset), args.train_batch_size, args.seed, rank=accelerator.process_index,
-                               world=accelerator.num_processes)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=args.dataloader_num_workers)
-    batches_per_epoch = sampler.num_batches()
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps * args.gradient_accumulation_steps / batches_per_epoch) + 1
+            json.dump(data.flip_record, f)
+    return data
 
-    # -- optimisation -------------------------------------------------------------------
+
+def _optimizer(args: Namespace, params: list, accelerator, num_training_steps: int):
+    """AdamW (fused on CUDA, or bitsandbytes' 8-bit) and the LR schedule."""
+    from diffusers.optimization import get_scheduler
+
     lr = args.learning_rate
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    fused = cuda if args.fused_adamw is None else args.fused_adamw
+    fused = accelerator.device.type == "cuda" if args.fused_adamw is None else args.fused_adamw
     adamw = torch.optim.AdamW
     if args.use_8bit_adam:  # compat.check made sure bitsandbytes is installed
         import bitsandbytes as bnb
 
         adamw, fused = bnb.optim.AdamW8bit, False
-    optimizer = adamw(lora_params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+    optimizer = adamw(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                       weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **({"fused": True} if fused else {}))
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_training_steps=num_training_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
-    if cuda if args.compile is None else args.compile:
-        compile_unet(unet, mode=args.compile_mode)
-        if reference_unet is not None:
-            compile_unet(reference_unet, mode=args.compile_mode)
+    return optimizer, lr_scheduler
+
+
+def _check_distributed(args: Namespace, accelerator) -> None:
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -275,329 +306,371 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # no dataloader goes through prepare(): DeepSpeed needs the micro-batch size stated
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+
+
+def _save_weights(accelerator, full_finetune: bool, models, weights, output_dir) -> None:
+    """accelerate save-state hook: the trained weights as safetensors (LoRA also in diffusers' format)."""
+    from safetensors.torch import save_file
+
+    if accelerator.is_main_process:
+        m = accelerator.unwrap_model(models[0])
+        if full_finetune:
+            save_file({k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()},
+                      os.path.join(output_dir, "unet.safetensors"))
+        else:
+            save_file(lora_state_dict(m), os.path.join(output_dir, "lora.safetensors"))
+            save_lora_diffusers(m, output_dir)  # the checkpoint loads into a pipeline as it is
+    while weights:
+        weights.pop()
+
+
+def _load_weights(accelerator, full_finetune: bool, models, input_dir) -> None:
+    """accelerate load-state hook: the counterpart of :func:`_save_weights`."""
+    from safetensors.torch import load_file
+
+    while models:
+        m = accelerator.unwrap_model(models.pop())
+        if full_finetune:
+            m.load_state_dict(load_file(os.path.join(input_dir, "unet.safetensors")))
+        else:
+            load_lora_state_dict(m, load_file(os.path.join(input_dir, "lora.safetensors")))
+
+
+def _build_annotators(args: Namespace, cfg, base_unet, named, log):
+    if not (cfg.adaptive and args.ema_decays):
+        return None
+    names, params = [n for n, _ in named], [p for _, p in named]
+    if args.batched_annotators and not args.full_finetune:
+        return MixedBatchAnnotators(base_unet, params, names, args.ema_decays)
+    if args.batched_annotators:
+        log("note: --batched_annotators needs LoRA adapters; a full fine-tune swaps EMA weights in place")
+    return EMAAnnotators(params, names, args.ema_decays)
+
+
+def _build_state(args: Namespace, accelerator, scheduler, unet, reference_unet, named, data: _Data,
+                 weight_dtype, log) -> TrainState:
+    """Optimiser, compilation, accelerate's prepare and hooks, annotators, generators: the TrainState."""
+    params = [p for _, p in named]
+    optimizer, lr_scheduler = _optimizer(args, params, accelerator, args.max_train_steps)
+    if accelerator.device.type == "cuda" if args.compile is None else args.compile:
+        compile_unet(unet, mode=args.compile_mode)
+        if reference_unet is not None:
+            compile_unet(reference_unet, mode=args.compile_mode)
+    _check_distributed(args, accelerator)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     base_unet = accelerator.unwrap_model(unet, keep_torch_compile=True)
-
-    def save_hook(models, weights, output_dir):
-        if main_proc:
-            m = accelerator.unwrap_model(models[0])
-            if args.full_finetune:
-                save_file({k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()},
-                          os.path.join(output_dir, "unet.safetensors"))
-            else:
-                save_file(lora_state_dict(m), os.path.join(output_dir, "lora.safetensors"))
-                save_lora_diffusers(m, output_dir)  # the checkpoint loads into a pipeline as it is
-        while weights:
-            weights.pop()
-
-    def load_hook(models, input_dir):
-        while models:
-            m = accelerator.unwrap_model(models.pop())
-            if args.full_finetune:
-                m.load_state_dict(load_file(os.path.join(input_dir, "unet.safetensors")))
-            else:
-                load_lora_state_dict(m, load_file(os.path.join(input_dir, "lora.safetensors")))
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-    annotators = None
-    if cfg.adaptive and args.ema_decays:
-        if args.batched_annotators and not args.full_finetune:
-            annotators = MixedBatchAnnotators(base_unet, lora_params, lora_names, args.ema_decays)
-        else:
-            if args.batched_annotators:
-                log("note: --batched_annotators needs LoRA adapters; a full fine-tune swaps EMA weights in place")
-            annotators = EMAAnnotators(lora_params, lora_names, args.ema_decays)
-    models = StepModels(unet, base_unet, reference_unet, annotators)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    accelerator.register_save_state_pre_hook(functools.partial(_save_weights, accelerator, args.full_finetune))
+    accelerator.register_load_state_pre_hook(functools.partial(_load_weights, accelerator, args.full_finetune))
+    annotators = _build_annotators(args, args.loss_config, base_unet, named, log)
+    device, rank = accelerator.device, accelerator.process_index
     # noise/timesteps: one stream for the global batch on every process (step_inputs takes this rank's
     # rows); VAE latent samples (image path): a stream per process, since each encodes its own images
     gen = torch.Generator(device=device).manual_seed(args.seed * 7919)
     vae_gen = torch.Generator(device=device).manual_seed(args.seed * 7919 + 104729 * (rank + 1))
-    buf = torch.zeros(len(FIELDS), dtype=torch.float64, device=device)
-    global_step, epoch, batch_in_epoch = 0, 0, 0
-    num_corrupt_seen, skipped_total = 0, 0
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    pairs_path = os.path.join(args.output_dir, "pairs.jsonl")
+    options = StepOptions(ema_warmup_steps=args.ema_warmup_steps, loss_backend=args.loss_backend,
+                          max_grad_norm=args.max_grad_norm, dump_pairs=bool(args.dump_pairs),
+                          channels_last=bool(args.channels_last), vae_chunk=args.vae_encode_batch_size)
+    return TrainState(accelerator=accelerator, models=StepModels(unet, base_unet, reference_unet, annotators),
+                      optimizer=optimizer, lr_scheduler=lr_scheduler, params=params, noise_scheduler=scheduler,
+                      cfg=args.loss_config, gen=gen, weight_dtype=weight_dtype, options=options,
+                      annotators=annotators, vae_gen=vae_gen, text_encoder=data.text_encoder, vae=data.vae)
 
-    # -- resume ---------------------------------------------------------------------------
-    if main_proc:
-        for name in os.listdir(args.output_dir):
-            if name.startswith(".tmp-checkpoint-"):  # left by a save that crashed: never complete
-                shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+
+class _Run:
+    """The loop's surroundings: arguments, output paths, the progress bar, the validator."""
+
+    def __init__(self, args: Namespace, accelerator, stop: StopRequest, log, data: _Data,
+                 sampler: PairBatchSampler, scheduler, state: TrainState):
+        self.args, self.accelerator, self.stop, self.log, self.data = args, accelerator, stop, log, data
+        self.scheduler, self.state = scheduler, state
+        self.main_proc = accelerator.is_main_process
+        self.world = accelerator.num_processes
+        self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+        self.pairs_path = os.path.join(args.output_dir, "pairs.jsonl")
+        self.sampler = sampler
+        self.loader = torch.utils.data.DataLoader(data.dataset, batch_sampler=self.sampler,
+                                                  collate_fn=data.collate, num_workers=args.dataloader_num_workers)
+        self.batches_per_epoch = self.sampler.num_batches()
+        self.num_epochs = math.ceil(args.max_train_steps * args.gradient_accumulation_steps
+                                    / self.batches_per_epoch) + 1
+        self.progress = None
+        self.validator = None
+        self.use_tb = False
+        self.t_log = time.time()
+
+
+def _resume(run: _Run) -> None:
+    """Remove crashed saves; restore a checkpoint (--resume_from_checkpoint) or start the logs afresh."""
+    from safetensors.torch import load_file
+
+    args, st, acc = run.args, run.state, run.accelerator
+    if run.main_proc:
+        ckpt.remove_partial(args.output_dir)  # left by a save that crashed: never complete
     resume = ckpt.resolve(args.output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint and resume is None:
-        log(f"no checkpoint in {args.output_dir}; starting fresh")
-    if resume:
-        state = ckpt.read_state(resume)
-        accelerator.load_state(resume)
-        if annotators is not None:
-            annotators.load(load_file(os.path.join(resume, "ema.safetensors"), device=_dev(device)), state["ema"])
-        rng = load_file(os.path.join(resume, f"trainer_rng_{accelerator.process_index}.safetensors"))
-        gen.set_state(rng["noise_generator"])
-        if "vae_generator" in rng:
-            vae_gen.set_state(rng["vae_generator"])
-        buf.copy_(rng["metrics"])
-        global_step, epoch, batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
-        num_corrupt_seen = state.get("num_corrupt_seen", 0)
-        skipped_total = state.get("skipped_steps_total", 0)
-        resumed_steps_since_log = state.get("steps_since_log", 0)
-        log(f"resumed from {resume} at step {global_step} (epoch {epoch}, batch {batch_in_epoch})")
-        for path in (metrics_path, pairs_path):
-            if main_proc and os.path.isfile(path):
-                with open(path) as f:
-                    keep = [ln for ln in f if json.loads(ln)["step"] <= global_step]
-                with open(path, "w") as f:
-                    f.writelines(keep)
-    elif main_proc:
-        for path in (metrics_path, pairs_path):
-            if os.path.exists(path):
+        run.log(f"no checkpoint in {args.output_dir}; starting fresh")
+    if not resume:
+        for path in (run.metrics_path, run.pairs_path):
+            if run.main_proc and os.path.exists(path):
                 os.remove(path)
-    use_tb = _trackers(args, accelerator, log)
-    with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:
-        json.dump({"args": {k: v for k, v in vars(args).items() if k != "loss_config"},
-                   "beta": cfg.beta, "beta_convention": beta_note(args),
-                   "loss_config": dataclasses.asdict(cfg), "data": data_stats,
-                   "lora_parameters": sum(p.numel() for p in lora_params)}, f, indent=1, default=str)
-    log(f"adpo-train: {len(dataset)} pairs, {batches_per_epoch} batches/epoch of {args.train_batch_size} pairs, "
-        f"{args.max_train_steps} steps, {'Adaptive-DPO' if cfg.adaptive else 'Diffusion-DPO'} "
-        f"beta={cfg.beta:g} ({beta_note(args)}), {len(args.ema_decays)} EMA annotator(s), "
-        + ("full fine-tune" if args.full_finetune else f"LoRA r={args.rank}")
-        + f" ({sum(p.numel() for p in lora_params):,} params), {scheduler.config.prediction_type}, device {device}"
-        + (f" x {world} processes" if world > 1 else ""))
+        return
+    saved = ckpt.read_state(resume)
+    acc.load_state(resume)
+    if st.annotators is not None:
+        st.annotators.load(load_file(os.path.join(resume, "ema.safetensors"), device=_dev(st.device)), saved["ema"])
+    rng = load_file(os.path.join(resume, f"trainer_rng_{acc.process_index}.safetensors"))
+    st.gen.set_state(rng["noise_generator"])
+    if "vae_generator" in rng:
+        st.vae_gen.set_state(rng["vae_generator"])
+    st.buf.copy_(rng["metrics"])
+    st.global_step, st.epoch, st.batch_in_epoch = saved["global_step"], saved["epoch"], saved["batch_in_epoch"]
+    st.num_corrupt_seen = saved.get("num_corrupt_seen", 0)
+    st.skipped_total = saved.get("skipped_steps_total", 0)
+    st.steps_since_log = saved.get("steps_since_log", 0)
+    run.log(f"resumed from {resume} at step {st.global_step} (epoch {st.epoch}, batch {st.batch_in_epoch})")
+    for path in (run.metrics_path, run.pairs_path):
+        if run.main_proc and os.path.isfile(path):
+            with open(path) as f:
+                keep = [ln for ln in f if json.loads(ln)["step"] <= st.global_step]
+            with open(path, "w") as f:
+                f.writelines(keep)
 
-    def flush_pairs() -> None:
-        if main_proc and pair_rows:
-            with open(pairs_path, "a") as f:
-                for r in torch.cat(pair_rows).tolist():
-                    f.write(json.dumps({"step": int(r[0]), "pair": int(r[1]), "logit": r[2], "metric": r[3],
-                                        "weight": r[4], "flipped": bool(r[5])}) + "\n")
-        pair_rows.clear()
 
-    def write_checkpoint(step: int, position: tuple[int, int]) -> str:
-        flush_pairs()
-        tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
-        state = {"global_step": step, "epoch": position[0], "batch_in_epoch": position[1],
-                 "num_corrupt_seen": num_corrupt_seen, "steps_since_log": steps_since_log,
-                 "skipped_steps_total": skipped_total,
-                 "world_size": accelerator.num_processes,
-                 "ema": annotators.state_meta() if annotators is not None else None}
+def _write_run_config(run: _Run, named) -> None:
+    args, cfg, st = run.args, run.state.cfg, run.state
+    n_params = sum(p.numel() for _, p in named)
+    if run.main_proc:
+        with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "loss_config"},
+                       "beta": cfg.beta, "beta_convention": beta_note(args),
+                       "loss_config": dataclasses.asdict(cfg), "data": run.data.stats,
+                       "lora_parameters": n_params}, f, indent=1, default=str)
+    run.log(f"adpo-train: {len(run.data.dataset)} pairs, {run.batches_per_epoch} batches/epoch of "
+            f"{args.train_batch_size} pairs, {args.max_train_steps} steps, "
+            f"{'Adaptive-DPO' if cfg.adaptive else 'Diffusion-DPO'} beta={cfg.beta:g} ({beta_note(args)}), "
+            f"{len(args.ema_decays)} EMA annotator(s), "
+            + ("full fine-tune" if args.full_finetune else f"LoRA r={args.rank}")
+            + f" ({n_params:,} params), {run.scheduler.config.prediction_type}, device {st.device}"
+            + (f" x {run.world} processes" if run.world > 1 else ""))
 
-        def write(path):
-            accelerator.save_state(path, safe_serialization=True)
-            if annotators is not None and main_proc:  # identical on every rank (whole parameters everywhere)
-                save_file(annotators.state_tensors(), os.path.join(path, "ema.safetensors"))
-            save_file({"noise_generator": gen.get_state(), "vae_generator": vae_gen.get_state(), "metrics": buf.cpu()},
-                      os.path.join(path, f"trainer_rng_{accelerator.process_index}.safetensors"))
-            return state
 
-        accelerator.wait_for_everyone()
-        if accelerator.num_processes == 1:
-            return ckpt.save_atomic(args.output_dir, step, write, args.checkpoints_total_limit)
-        # several processes: every rank writes its files into the main process's temporary folder
-        if main_proc:
-            ckpt.begin(args.output_dir, step)
-        accelerator.wait_for_everyone()
-        write(tmp)
-        accelerator.wait_for_everyone()
-        path = ckpt.finish(args.output_dir, step, state, args.checkpoints_total_limit) if main_proc else tmp
-        accelerator.wait_for_everyone()
-        return path
+def flush_pairs(run: _Run) -> None:
+    """Append the per-pair rows kept since the last flush to pairs.jsonl (--dump_pairs)."""
+    rows = run.state.pair_rows
+    if run.main_proc and rows:
+        with open(run.pairs_path, "a") as f:
+            for r in torch.cat(rows).tolist():
+                f.write(json.dumps({"step": int(r[0]), "pair": int(r[1]), "logit": r[2], "metric": r[3],
+                                    "weight": r[4], "flipped": bool(r[5])}) + "\n")
+    rows.clear()
 
-    validator = None
-    if args.run_validation and main_proc:
-        from .validation import Validator
 
-        validator = Validator(args, base_unet, device, weight_dtype, lambda: accelerator.trackers)
+def _write_checkpoint_files(run: _Run, meta: dict, path: str) -> dict:
+    """Fill checkpoint folder ``path`` with this rank's files; returns ``meta`` (trainer_state.json)."""
+    from safetensors.torch import save_file
 
-    def interrupted(signum: int) -> Interrupted:
-        path = ckpt.list_checkpoints(args.output_dir)
-        path = path[-1][1] if path and path[-1][0] == global_step else None
-        if path is None and global_step > 0:
-            path = write_checkpoint(global_step, (epoch, batch_in_epoch))
-        if progress is not None:
-            progress.close()
-        accelerator.end_training()
-        hint = ("Resume with the same command plus --resume_from_checkpoint latest." if path else
-                "Nothing to resume: run again with --overwrite_output_dir.")
-        return Interrupted(signum, global_step, path, hint)
+    st, acc = run.state, run.accelerator
+    acc.save_state(path, safe_serialization=True)
+    if st.annotators is not None and run.main_proc:  # identical on every rank (whole parameters everywhere)
+        save_file(st.annotators.state_tensors(), os.path.join(path, "ema.safetensors"))
+    save_file({"noise_generator": st.gen.get_state(), "vae_generator": st.vae_gen.get_state(),
+               "metrics": st.buf.cpu()},
+              os.path.join(path, f"trainer_rng_{acc.process_index}.safetensors"))
+    return meta
 
-    # -- the loop -------------------------------------------------------------------------
-    progress = None
-    if main_proc and not args.quiet:
+
+def write_checkpoint(run: _Run) -> str:
+    """An atomic ``checkpoint-<step>`` of the run at its current step and data position."""
+    flush_pairs(run)
+    args, st, acc = run.args, run.state, run.accelerator
+    step = st.global_step
+    meta = {"global_step": step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch,
+            "num_corrupt_seen": st.num_corrupt_seen, "steps_since_log": st.steps_since_log,
+            "skipped_steps_total": st.skipped_total, "world_size": acc.num_processes,
+            "ema": st.annotators.state_meta() if st.annotators is not None else None}
+    write = functools.partial(_write_checkpoint_files, run, meta)
+    acc.wait_for_everyone()
+    if acc.num_processes == 1:
+        return ckpt.save_atomic(args.output_dir, step, write, args.checkpoints_total_limit)
+    # several processes: every rank writes its files into the main process's temporary folder
+    tmp = ckpt.tmp_path(args.output_dir, step)
+    if run.main_proc:
+        ckpt.begin(args.output_dir, step)
+    acc.wait_for_everyone()
+    write(tmp)
+    acc.wait_for_everyone()
+    path = ckpt.finish(args.output_dir, step, meta, args.checkpoints_total_limit) if run.main_proc else tmp
+    acc.wait_for_everyone()
+    return path
+
+
+def _interrupted(run: _Run, signum: int) -> Interrupted:
+    """Checkpoint (unless this step already has one) and end the run after a signal."""
+    step = run.state.global_step
+    path = ckpt.list_checkpoints(run.args.output_dir)
+    path = path[-1][1] if path and path[-1][0] == step else None
+    if path is None and step > 0:
+        path = write_checkpoint(run)
+    if run.progress is not None:
+        run.progress.close()
+    run.accelerator.end_training()
+    hint = ("Resume with the same command plus --resume_from_checkpoint latest." if path else
+            "Nothing to resume: run again with --overwrite_output_dir.")
+    return Interrupted(signum, step, path, hint)
+
+
+def _loop(run: _Run) -> Optional[dict]:
+    """Train to --max_train_steps; returns the result of a --stop_after_steps stop, else None."""
+    args, st = run.args, run.state
+    if run.main_proc and not args.quiet:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=args.max_train_steps, initial=global_step, desc="adpo-train", dynamic_ncols=True)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    pair_rows: list[torch.Tensor] = []
-    t_log, steps_since_log = time.time(), (resumed_steps_since_log if resume else 0)
-    unet.train()
-    stop.arm()
-    done = global_step >= args.max_train_steps
-    while not done and epoch < num_epochs:
-        sampler.set_epoch(epoch, batch_in_epoch)
-        for batch in loader:
-            batch_in_epoch += 1
-            num_corrupt_seen += batch["num_corrupt"]
+        run.progress = tqdm(total=args.max_train_steps, initial=st.global_step, desc="adpo-train",
+                            dynamic_ncols=True)
+    run.t_log = time.time()
+    st.models.unet.train()
+    run.stop.arm()
+    done = st.global_step >= args.max_train_steps
+    while not done and st.epoch < run.num_epochs:
+        run.sampler.set_epoch(st.epoch, st.batch_in_epoch)
+        for batch in run.loader:
+            st.batch_in_epoch += 1
+            st.num_corrupt_seen += batch["num_corrupt"]
             if batch["num_pairs"] == 0:
                 continue
-            with accelerator.accumulate(unet):
-                x = step_inputs(batch, scheduler, gen, device, weight_dtype, rank=rank, world=world,
-                                encoders=text_encoder, vae=vae, vae_gen=vae_gen, channels_last=args.channels_last,
-                                vae_chunk=args.vae_encode_batch_size)
-                ready = global_step >= args.ema_warmup_steps
-                out = models.loss(x, cfg, ready, args.loss_backend)
-                accelerator.backward(out.loss)
-                nonfinite |= out.nonfinite
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    if args.max_grad_norm and args.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
-                    if world > 1:  # the all-reduced gradients decide, identically on every rank
-                        norm = grad_norm if grad_norm is not None else torch.linalg.vector_norm(torch.stack(
-                            [torch.linalg.vector_norm(p.grad) for p in lora_params if p.grad is not None]))
-                        nonfinite |= ~torch.isfinite(norm)
-                    skip.optimizer_step(optimizer, nonfinite)
-                    buf[F["skipped_steps"]] += nonfinite.double()
-                    if grad_norm is not None:  # a skipped step's norm is not a measurement
-                        grad_norm = torch.where(nonfinite, torch.zeros_like(grad_norm), grad_norm)
-                else:
-                    optimizer.step()  # accelerate makes this a no-op while accumulating
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-                with torch.no_grad():
-                    w = out.weights
-                    fl = batch["flipped"].to(device)
-                    row = torch.stack([out.loss.detach().double(), out.implicit_acc.double(), w.mean().double(),
-                                       out.metric.mean().double(), out.logits.mean().double(),
-                                       out.model_mse.mean().double(), out.ref_mse.mean().double(),
-                                       (grad_norm.double() if isinstance(grad_norm, torch.Tensor)
-                                        else torch.zeros((), dtype=torch.float64, device=device)),
-                                       out.nonfinite.double(), torch.ones((), dtype=torch.float64, device=device),
-                                       torch.zeros((), dtype=torch.float64, device=device),
-                                       (w * fl).sum().double(), fl.sum().double(),
-                                       (w * ~fl).sum().double(), (~fl).sum().double()])
-                    # a non-finite micro-batch adds only to its counters (the averages stay finite)
-                    buf += torch.where(out.nonfinite & ~_COUNTERS.to(device), 0.0, row)
-                    if args.dump_pairs:
-                        pair_rows.append(torch.stack([torch.full_like(out.logits, global_step + 1),
-                                                      batch["index"].to(device, out.logits.dtype), out.logits,
-                                                      out.metric, w, fl.to(out.logits.dtype)], 1))
-
-            if not accelerator.sync_gradients:
+            metrics = train_step(st, batch)
+            if not metrics.synced:
                 continue
-            if annotators is not None:
-                skip.ema_step(annotators, nonfinite)
-            nonfinite.zero_()
-            global_step += 1
-            steps_since_log += 1
-            synced, agreed_signal = False, None
-            if progress is not None:
-                progress.update(1)
-            if global_step % args.logging_steps == 0 or global_step >= args.max_train_steps:
-                # the one host sync per logging interval; with several processes, sums over all of them
-                vals = (accelerator.reduce(buf.clone(), "sum") if world > 1 else buf).tolist()
-                synced = True
-                buf.zero_()
-                skipped = round(vals[F["skipped_steps"]] / world)  # the same on every rank
-                skip.rewind(skipped, lr_scheduler, annotators, accelerator.num_processes)
-                skipped_total += skipped
-                steps_since_log -= skipped
-                global_step -= skipped
-                if progress is not None and skipped:
-                    progress.update(-skipped)
-                n = max(vals[F["micro_batches"]] - vals[F["nonfinite"]], 1.0)
-                elapsed = time.time() - t_log
-                rec = {"step": global_step, "epoch": epoch, "loss": vals[F["loss"]] / n,
-                       "implicit_acc": vals[F["implicit_acc"]] / n, "weight_mean": vals[F["weight_mean"]] / n,
-                       "metric_mean": vals[F["metric_mean"]] / n, "logit_mean": vals[F["logit_mean"]] / n,
-                       "model_mse": vals[F["model_mse"]] / n, "ref_mse": vals[F["ref_mse"]] / n,
-                       "grad_norm": vals[F["grad_norm"]] / max(steps_since_log, 1) / world,  # real steps
-                       "nonfinite_micro_batches": int(vals[F["nonfinite"]]), "skipped_steps": skipped,
-                       "skipped_steps_total": skipped_total, "lr": lr_scheduler.get_last_lr()[0],
-                       "annotators_ready": ready, "corrupt_pairs_seen": num_corrupt_seen,
-                       "steps_per_s": steps_since_log / max(elapsed, 1e-9)}
-                if vals[F["flipped_count"]] > 0:
-                    rec["weight_mean_flipped"] = vals[F["flipped_weight_sum"]] / vals[F["flipped_count"]]
-                    rec["weight_mean_clean"] = vals[F["clean_weight_sum"]] / max(vals[F["clean_count"]], 1.0)
-                t_log, steps_since_log = time.time(), 0
-                flush_pairs()
-                if main_proc:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    if use_tb:
-                        accelerator.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=global_step)
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['implicit_acc']:.3f}",
-                                             w=f"{rec['weight_mean']:.3f}")
-                if world > 1:  # a signal may reach one rank only (or arrive mid-sync): agree on a snapshot
-                    local = stop.signum
-                    sig = accelerator.reduce(torch.tensor([float(local or 0)], device=device), "sum")
-                    agreed_signal = (local or 15) if sig.item() > 0 else None  # 15: SIGTERM
-            if validator is not None and global_step % args.validation_steps == 0:
-                log(f"\nvalidation images: {validator.run(global_step)}")
-            stop_signal = stop.signum if world == 1 else (agreed_signal if synced else None)
-            stop_early = args.stop_after_steps is not None and global_step >= args.stop_after_steps
-            if global_step % args.checkpointing_steps == 0 or stop_early or global_step >= args.max_train_steps:
-                path = write_checkpoint(global_step, (epoch, batch_in_epoch))
-                log(f"\ncheckpoint: {path}" if progress is not None else f"checkpoint: {path}")
-            if stop_signal:
-                raise interrupted(stop_signal)
-            if stop_early:
-                if progress is not None:
-                    progress.close()
-                log(f"stopped after {global_step} steps (--stop_after_steps); resume with "
-                    f"--resume_from_checkpoint latest")
-                accelerator.end_training()
-                return {"global_step": global_step, "stopped": True, "output_dir": args.output_dir}
-            if global_step >= args.max_train_steps:
+            stopped = _after_step(run, metrics)
+            if stopped is not None:
+                return stopped
+            if st.global_step >= args.max_train_steps:
                 done = True
                 break
         if not done:
-            epoch, batch_in_epoch = epoch + 1, 0
-    if progress is not None:
-        progress.close()
+            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+    if run.progress is not None:
+        run.progress.close()
+    return None
 
-    # -- outputs --------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    result = {"global_step": global_step, "output_dir": args.output_dir, "stopped": False,
-              "metrics": metrics_path,
+
+def _after_step(run: _Run, metrics: StepMetrics) -> Optional[dict]:
+    """Log, validate, checkpoint and honour stop requests after an optimisation step."""
+    args, st, acc = run.args, run.state, run.accelerator
+    synced, agreed_signal = False, None
+    if run.progress is not None:
+        run.progress.update(1)
+    if st.global_step % args.logging_steps == 0 or st.global_step >= args.max_train_steps:
+        _log_metrics(run, metrics.ready)
+        synced = True
+        if run.world > 1:  # a signal may reach one rank only (or arrive mid-sync): agree on a snapshot
+            local = run.stop.signum
+            sig = acc.reduce(torch.tensor([float(local or 0)], device=st.device), "sum")
+            agreed_signal = (local or 15) if sig.item() > 0 else None  # 15: SIGTERM
+    if run.validator is not None and st.global_step % args.validation_steps == 0:
+        run.log(f"\nvalidation images: {run.validator.run(st.global_step)}")
+    stop_signal = run.stop.signum if run.world == 1 else (agreed_signal if synced else None)
+    stop_early = args.stop_after_steps is not None and st.global_step >= args.stop_after_steps
+    if st.global_step % args.checkpointing_steps == 0 or stop_early or st.global_step >= args.max_train_steps:
+        path = write_checkpoint(run)
+        run.log(f"\ncheckpoint: {path}" if run.progress is not None else f"checkpoint: {path}")
+    if stop_signal:
+        raise _interrupted(run, stop_signal)
+    if not stop_early:
+        return None
+    if run.progress is not None:
+        run.progress.close()
+    run.log(f"stopped after {st.global_step} steps (--stop_after_steps); resume with "
+            f"--resume_from_checkpoint latest")
+    acc.end_training()
+    return {"global_step": st.global_step, "stopped": True, "output_dir": args.output_dir}
+
+
+def _log_metrics(run: _Run, ready: bool) -> None:
+    """The one host sync per logging interval: read (and, with several processes, sum) the metric buffer,
+    take skipped steps back from the schedules, append a metrics.jsonl record."""
+    st, world = run.state, run.world
+    vals = (run.accelerator.reduce(st.buf.clone(), "sum") if world > 1 else st.buf).tolist()
+    st.buf.zero_()
+    skipped = round(vals[F["skipped_steps"]] / world)  # the same on every rank
+    skip.rewind(skipped, st.lr_scheduler, st.annotators, world)
+    st.skipped_total += skipped
+    st.steps_since_log -= skipped
+    st.global_step -= skipped
+    if run.progress is not None and skipped:
+        run.progress.update(-skipped)
+    n = max(vals[F["micro_batches"]] - vals[F["nonfinite"]], 1.0)
+    rec = {"step": st.global_step, "epoch": st.epoch}
+    rec.update({k: vals[F[k]] / n for k in ("loss", "implicit_acc", "weight_mean", "metric_mean", "logit_mean",
+                                            "model_mse", "ref_mse")})
+    rec.update({"grad_norm": vals[F["grad_norm"]] / max(st.steps_since_log, 1) / world,  # real steps
+                "nonfinite_micro_batches": int(vals[F["nonfinite"]]), "skipped_steps": skipped,
+                "skipped_steps_total": st.skipped_total, "lr": st.lr_scheduler.get_last_lr()[0],
+                "annotators_ready": ready, "corrupt_pairs_seen": st.num_corrupt_seen,
+                "steps_per_s": st.steps_since_log / max(time.time() - run.t_log, 1e-9)})
+    if vals[F["flipped_count"]] > 0:
+        rec["weight_mean_flipped"] = vals[F["flipped_weight_sum"]] / vals[F["flipped_count"]]
+        rec["weight_mean_clean"] = vals[F["clean_weight_sum"]] / max(vals[F["clean_count"]], 1.0)
+    run.t_log, st.steps_since_log = time.time(), 0
+    flush_pairs(run)
+    if not run.main_proc:
+        return
+    with open(run.metrics_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if run.use_tb:
+        run.accelerator.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=st.global_step)
+    if run.progress is not None:
+        run.progress.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['implicit_acc']:.3f}",
+                                 w=f"{rec['weight_mean']:.3f}")
+
+
+def _finish(run: _Run, t_start: float) -> dict:
+    """Write the final weights, the EMA annotators and the plot; report where they are."""
+    from safetensors.torch import save_file
+
+    args, st, acc = run.args, run.state, run.accelerator
+    acc.wait_for_everyone()
+    result = {"global_step": st.global_step, "output_dir": args.output_dir, "stopped": False,
+              "metrics": run.metrics_path,
               "lora": None if args.full_finetune else os.path.join(args.output_dir, LORA_WEIGHT_NAME)}
-    if main_proc:
+    if run.main_proc:
         if args.full_finetune:
-            accelerator.unwrap_model(unet).save_pretrained(os.path.join(args.output_dir, "unet"),
-                                                           safe_serialization=True)
+            acc.unwrap_model(st.models.unet).save_pretrained(os.path.join(args.output_dir, "unet"),
+                                                             safe_serialization=True)
             result["unet"] = os.path.join(args.output_dir, "unet")
         else:
-            save_lora_diffusers(base_unet, args.output_dir)
-        if annotators is not None:
-            save_file(annotators.state_tensors(), os.path.join(args.output_dir, "ema_annotators.safetensors"),
-                      metadata={"decays": json.dumps(annotators.decays)})
+            save_lora_diffusers(st.models.base, args.output_dir)
+        if st.annotators is not None:
+            save_file(st.annotators.state_tensors(), os.path.join(args.output_dir, "ema_annotators.safetensors"),
+                      metadata={"decays": json.dumps(st.annotators.decays)})
         plot = None
         if not args.no_plot:
             from .plot import plot_metrics
 
-            plot = plot_metrics(metrics_path, os.path.join(args.output_dir, "training_curves.png"))
+            plot = plot_metrics(run.metrics_path, os.path.join(args.output_dir, "training_curves.png"))
         result["plot"] = plot
-        log(f"\ndone: {global_step} steps in {time.time() - t_start:.0f}s")
-        if args.full_finetune:
-            log(f"  UNet (diffusers format): {result['unet']}")
-        else:
-            log(f"  LoRA (diffusers format): {result['lora']}")
-        log(f"  metrics:                 {metrics_path}")
-        if plot:
-            log(f"  plot:                    {plot}")
-        if flip_record and flip_record.get("flipped_pairs"):
-            log(f"  flipped pairs:           {os.path.join(args.output_dir, 'flipped_pairs.json')}")
-        if args.dump_pairs:
-            log(f"  per-pair dump:           {pairs_path}")
-        if validator is not None:
-            log(f"  validation images:       {validator.run(global_step, final=True)}")
-    accelerator.end_training()
-    if global_step < args.max_train_steps:
-        raise RunCutShort(f"the run ended at step {global_step} of --max_train_steps {args.max_train_steps}: the "
-                          f"data ran out ({num_corrupt_seen} corrupt pairs dropped, {skipped_total} non-finite "
-                          f"steps skipped); outputs are written. Use more data or fewer steps.")
+        _report(run, result, t_start)
+    acc.end_training()
+    if st.global_step < args.max_train_steps:
+        raise RunCutShort(f"the run ended at step {st.global_step} of --max_train_steps {args.max_train_steps}: "
+                          f"the data ran out ({st.num_corrupt_seen} corrupt pairs dropped, {st.skipped_total} "
+                          f"non-finite steps skipped); outputs are written. Use more data or fewer steps.")
     return result
+
+
+def _report(run: _Run, result: dict, t_start: float) -> None:
+    args, log = run.args, run.log
+    log(f"\ndone: {run.state.global_step} steps in {time.time() - t_start:.0f}s")
+    if args.full_finetune:
+        log(f"  UNet (diffusers format): {result['unet']}")
+    else:
+        log(f"  LoRA (diffusers format): {result['lora']}")
+    log(f"  metrics:                 {run.metrics_path}")
+    if result["plot"]:
+        log(f"  plot:                    {result['plot']}")
+    if run.data.flip_record and run.data.flip_record.get("flipped_pairs"):
+        log(f"  flipped pairs:           {os.path.join(args.output_dir, 'flipped_pairs.json')}")
+    if args.dump_pairs:
+        log(f"  per-pair dump:           {run.pairs_path}")
+    if run.validator is not None:
+        log(f"  validation images:       {run.validator.run(run.state.global_step, final=True)}")

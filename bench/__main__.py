@@ -1,9 +1,10 @@
 """``python -m bench <command>`` (also installed as ``adpo-bench``).
 
-Benchmarks (each appends rows to ``bench/results/<name>.csv``, or ``--results-dir``):
+Benchmarks (each appends rows to ``<results dir>/<name>.csv``; ``--results-dir``, by default
+``bench/results`` under the current directory, the repository's folder when run from its root):
 
     loss     the fused loss: eager / compiled / triton / cuda / cpu providers (bench/loss.py)
-    train    trainer throughput (bench/train.py, issue 6), when present
+    train    trainer throughput: the trainer's own step vs the published loop (bench/train.py), when present
 
 Tools:
 
@@ -26,8 +27,8 @@ import sys
 import torch
 
 BENCHMARKS = {
-    "loss": "fused loss forward/backward per provider (issues 3, 4)",
-    "train": "trainer throughput: baseline loop, DPO, Adaptive-DPO (issue 6)",
+    "loss": "fused loss forward/backward per provider",
+    "train": "trainer throughput: baseline loop, DPO, Adaptive-DPO",
 }
 
 
@@ -45,7 +46,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="cpu or cuda (default: cuda when visible)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="shorter measurements (the GPU check uses this)")
-    p.add_argument("--results-dir", help="where <bench>.csv is appended (default bench/results)")
+    p.add_argument("--results-dir",
+                   help="where <bench>.csv is appended (default: bench/results under the current directory)")
     p.add_argument("--note", default="", help="free text stored in every row (e.g. machine load)")
     p.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
 

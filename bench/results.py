@@ -1,4 +1,8 @@
-"""Result rows: appended to ``bench/results/<bench>.csv``, one file per benchmark.
+"""Result rows: appended to ``<results dir>/<bench>.csv``, one file per benchmark.
+
+The results folder is ``--results-dir``, by default ``bench/results`` under the current
+directory (the repository's own folder when run from its root), never the installed
+package's folder: an installed ``bench`` does not write into site-packages.
 
 Every row carries the machine and versions (:func:`bench.harness.env_info`), so a file
 can hold rows from many machines and runs; nothing is ever overwritten.  When a
@@ -11,7 +15,7 @@ import csv
 import os
 from typing import Iterable, Optional
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = os.path.join("bench", "results")  # relative: resolved against the current directory when used
 
 # The columns every row of every benchmark has, first in every file.
 ENV_COLUMNS = ["run_id", "date", "device", "device_type", "device_mem", "driver", "torch", "triton", "cuda",

@@ -1,4 +1,4 @@
-"""The trainer benchmark (issue 6): pairs/s, step time, MFU and peak memory of one training step.
+"""The trainer benchmark: pairs/s, step time, MFU and peak memory of one training step.
 
 Variants (same shapes, same random-init weights, in one run):
 
@@ -9,9 +9,10 @@ Variants (same shapes, same random-init weights, in one run):
                       UNet, each evaluated with ``store`` / ``copy_to`` / ``restore`` (store copies
                       every parameter to the host) and stepped over every parameter; the loss in
                       plain torch (``backend="torch"``); ``.item()`` of loss and accuracy every step.
-``dpo``               this trainer (``adpo_train.step``): cached latents and text, bf16 weights and
-                      autocast on GPU, SDPA, ``torch.compile`` on CUDA, fused AdamW on CUDA, no
-                      annotators, metrics left on the device.
+``dpo``               the step users run: ``adpo_train.state.train_step`` (what the trainer loop
+                      calls) on cached latents and text, bf16 weights and accelerate's autocast on
+                      GPU, SDPA, ``torch.compile`` on CUDA, fused AdamW on CUDA, gradient clipping,
+                      the on-device skip of a non-finite step and metric buffer; no annotators.
 ``adaptive``          the same with two EMA annotators (LoRA-only EMA swapped in place).
 ``adaptive-batched``  the same with the reference and both annotators in one mixed-batch forward
                       (:class:`adpo_train.annotators.MixedBatchAnnotators`).
@@ -27,7 +28,7 @@ step executes, backward included); then ``warmup`` steps (the first, timed alone
 ``first_step_s``, includes compilation), then ``steps`` steps each timed with a device sync
 at its end (``step_ms`` median, ``p10_ms``, ``p90_ms``); ``pairs_per_s`` = pairs / median
 step; ``speedup_vs_baseline``, ``mem_vs_baseline``, ``time_vs_dpo``, ``flops_vs_dpo``: the
-issue's goals as ratios within the run; ``mfu`` = flops_per_step / median step / the
+goals as ratios within the run; ``mfu`` = flops_per_step / median step / the
 device's dense bf16/fp16 peak (GPU only; blank on CPU, whose peak is not defined here); ``peak_mem_gb``: on GPU the allocator's peak
 over the timed steps (weights, optimiser, EMA, activations: everything), on CPU (one torch
 thread unless ``--threads``: the tiny model on a shared 2-core machine) the bytes of
@@ -87,10 +88,9 @@ def _peak_flops(env: dict, device: torch.device):
 
 # -- inputs ------------------------------------------------------------------------------------
 def _scheduler():
-    from diffusers import DDPMScheduler
+    from adpo_train.models import sd_scheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False)
+    return sd_scheduler()
 
 
 def _cached_batch(spec: dict, unet_cfg, device) -> dict:
@@ -220,41 +220,59 @@ class BaselineStep:
 
 # -- (b), (c): this trainer's step ---------------------------------------------------------------
 class TrainerStep:
+    """``adpo_train.state.train_step`` on a ``TrainState`` set up as the trainer sets it up: accelerate's
+    ``prepare`` (autocast under mixed precision), AdamW (fused on CUDA), clipping at 1.0, the skip of a
+    non-finite step, the EMA updates and the device-side metric buffer; the annotators join after
+    ``ema_warmup_steps`` = 2 optimisation steps, the trainer's default."""
+
     def __init__(self, spec: dict, device, variant: str, compile_: bool):
+        from accelerate import Accelerator
+
         import adpo_kernels as ak
         from adpo_train.annotators import EMAAnnotators, MixedBatchAnnotators
         from adpo_train.models import add_lora, build_unet, set_attention
+        from adpo_train.state import StepOptions, TrainState
         from adpo_train.step import StepModels
 
         cuda = device.type == "cuda"
         self.device, self.spec, self.variant = device, spec, variant
         self.dtype = DTYPES[spec["dtype"]] if cuda else torch.float32
+        accelerator = Accelerator(cpu=not cuda, mixed_precision=spec["dtype"] if self.dtype != torch.float32 else "no")
         with torch.device(device):
             unet = build_unet(spec["unet"]).to(device, dtype=self.dtype)
         set_attention(unet, "sdpa")
         torch.manual_seed(0)
         named = add_lora(unet, spec["rank"])
-        self.params = [p for _, p in named]
-        unet.train()
+        params = [p for _, p in named]
         if variant == "dpo":
-            ann, self.cfg = None, ak.AdaptiveDPOConfig.dpo()
+            ann, cfg = None, ak.AdaptiveDPOConfig.dpo()
         elif variant == "adaptive-k0":
-            ann, self.cfg = None, ak.AdaptiveDPOConfig.paper()
+            ann, cfg = None, ak.AdaptiveDPOConfig.paper()
         else:
-            self.cfg = ak.AdaptiveDPOConfig.paper()
+            cfg = ak.AdaptiveDPOConfig.paper()
             names = [n for n, _ in named]
-            ann = (MixedBatchAnnotators(unet, self.params, names, [0.9999, 0.5]) if variant == "adaptive-batched"
-                   else EMAAnnotators(self.params, names, [0.9999, 0.5]))
+            ann = (MixedBatchAnnotators(unet, params, names, [0.9999, 0.5]) if variant == "adaptive-batched"
+                   else EMAAnnotators(params, names, [0.9999, 0.5]))
         self.annotators = 0 if ann is None else 2
-        self.opt = torch.optim.AdamW(self.params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
+        self.opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
                                      **({"fused": True} if cuda else {}))
+        sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda _: 1.0)
+        wrapped, opt, sched = accelerator.prepare(unet, self.opt, sched)
         self.unet, self.ann, self.compile = unet, ann, compile_
-        self.models = StepModels(unet, unet, None, ann)
+        self.state = TrainState(accelerator=accelerator, models=StepModels(wrapped, unet, None, ann), optimizer=opt,
+                                lr_scheduler=sched, params=params, noise_scheduler=_scheduler(), cfg=cfg,
+                                gen=torch.Generator(device=device).manual_seed(0), weight_dtype=self.dtype,
+                                options=StepOptions(ema_warmup_steps=2, max_grad_norm=1.0), annotators=ann)
         self.batch = _cached_batch(spec, unet.config, device)
-        self.sched = _scheduler()
-        self.gen = torch.Generator(device=device).manual_seed(0)
-        self.metric = torch.zeros((), device=device, dtype=torch.float64)  # metrics stay on the device
-        self.step_no = 0
+        wrapped.train()
+
+    @property
+    def step_no(self) -> int:
+        return self.state.global_step
+
+    @step_no.setter
+    def step_no(self, value: int) -> None:
+        self.state.global_step = value
 
     def enable_compile(self) -> None:
         if self.compile:
@@ -262,25 +280,10 @@ class TrainerStep:
 
             compile_unet(self.unet)
 
-    def _autocast(self):
-        if self.device.type == "cuda" and self.dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.dtype)
-        return contextlib.nullcontext()
-
     def __call__(self):
-        from adpo_train.step import step_inputs
+        from adpo_train.state import train_step
 
-        x = step_inputs(self.batch, self.sched, self.gen, self.device, self.dtype)
-        with self._autocast():
-            out = self.models.loss(x, self.cfg, ready=self.cfg.adaptive and self.step_no >= 2)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        if self.ann is not None:
-            self.ann.step()
-        self.metric += out.loss.detach().double()
-        self.step_no += 1
+        train_step(self.state, self.batch)
         return None
 
     def static_bytes(self) -> int:
@@ -342,6 +345,43 @@ def _quantile(xs, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def _measure_variant(row: dict, variant: str, spec: dict, device, compile_: bool, warmup: int, steps: int,
+                     peak_flops, log) -> None:
+    """Build one variant's step, count its FLOPs, time it; fill ``row``."""
+    import gc
+
+    gc.collect()
+    base_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    torch.manual_seed(0)
+    if variant == "baseline":
+        step = BaselineStep(spec, device)
+        row.update(compiled=False, dtype="fp16" if device.type == "cuda" else "fp32")
+    else:
+        step = TrainerStep(spec, device, variant, compile_)
+        row.update(compiled=compile_, dtype=spec["dtype"] if device.type == "cuda" else "fp32")
+    step.step_no = 2  # count FLOPs with the annotators on, as in the timed steps
+    flops = _count_flops(step)
+    step.step_no = 0
+    if variant != "baseline":
+        step.enable_compile()
+    first, times, peak = _measure(step, device, warmup, steps)
+    if peak is not None:
+        peak -= base_alloc  # what this variant holds at its peak, not what earlier variants left
+    else:
+        prof = harness.profile_call(step, device)
+        peak = step.static_bytes() + (prof.peak_bytes or 0)
+    med = statistics.median(times)
+    lat = step.unet.config.sample_size
+    row.update(status="ok", reason="", annotators=step.annotators, latent=f"4x{lat}x{lat}",
+               text="77x768" if spec["unet"] == "sd15" else "16x32", pairs_per_s=spec["pairs"] / med * 1e3,
+               step_ms=med, p10_ms=_quantile(times, 0.1), p90_ms=_quantile(times, 0.9), steps=len(times),
+               first_step_s=first, flops_per_step=flops, tflops=flops / med / 1e9,
+               mfu=(flops / (med / 1e3) / peak_flops) if peak_flops else None, peak_mem_gb=peak / 1e9)
+    log(f"  {variant:17s} {row['pairs_per_s']:8.2f} pairs/s  {med:8.1f} ms/step  first {first:6.1f} s  "
+        f"{flops / 1e12:7.3f} TFLOP/step  peak {peak / 1e9:.2f} GB"
+        + (f"  MFU {row['mfu'] * 100:.1f}%" if row["mfu"] else ""))
+
+
 def run(args: argparse.Namespace, env: dict, log=print) -> list[dict]:
     from adpo_train.trainer import quiet_libraries
 
@@ -384,39 +424,7 @@ def run(args: argparse.Namespace, env: dict, log=print) -> list[dict]:
             log(f"  {variant}: skipped (time budget)")
             continue
         try:
-            import gc
-
-            gc.collect()
-            base_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-            torch.manual_seed(0)
-            if variant == "baseline":
-                step = BaselineStep(spec, device)
-                row.update(compiled=False, dtype="fp16" if device.type == "cuda" else "fp32")
-            else:
-                step = TrainerStep(spec, device, variant, compile_)
-                row.update(compiled=compile_, dtype=spec["dtype"] if device.type == "cuda" else "fp32")
-            step.step_no = 2  # count FLOPs with the annotators on, as in the timed steps
-            flops = _count_flops(step)
-            step.step_no = 0
-            if variant != "baseline":
-                step.enable_compile()
-            first, times, peak = _measure(step, device, warmup, steps)
-            if peak is not None:
-                peak -= base_alloc  # what this variant holds at its peak, not what earlier variants left
-            else:
-                prof = harness.profile_call(step, device)
-                peak = step.static_bytes() + (prof.peak_bytes or 0)
-            med = statistics.median(times)
-            lat = step.unet.config.sample_size
-            row.update(status="ok", reason="", annotators=step.annotators, latent=f"4x{lat}x{lat}",
-                       text="77x768" if spec["unet"] == "sd15" else "16x32", pairs_per_s=spec["pairs"] / med * 1e3,
-                       step_ms=med, p10_ms=_quantile(times, 0.1), p90_ms=_quantile(times, 0.9), steps=len(times),
-                       first_step_s=first, flops_per_step=flops, tflops=flops / med / 1e9,
-                       mfu=(flops / (med / 1e3) / peak_flops) if peak_flops else None, peak_mem_gb=peak / 1e9)
-            log(f"  {variant:17s} {row['pairs_per_s']:8.2f} pairs/s  {med:8.1f} ms/step  first {first:6.1f} s  "
-                f"{flops / 1e12:7.3f} TFLOP/step  peak {peak / 1e9:.2f} GB"
-                + (f"  MFU {row['mfu'] * 100:.1f}%" if row["mfu"] else ""))
-            del step
+            _measure_variant(row, variant, spec, device, compile_, warmup, steps, peak_flops, log)
         except _Terminated:
             terminated = True
             row.update(status="skipped", reason="terminated by SIGTERM (the caller's time limit) while running")
@@ -436,7 +444,7 @@ def run(args: argparse.Namespace, env: dict, log=print) -> list[dict]:
 
 
 def _ratios(rows: list[dict]) -> None:
-    """The issue's goals as columns: pairs/s and peak memory relative to the baseline, step time and
+    """The goals as columns: pairs/s and peak memory relative to the baseline, step time and
     FLOPs relative to plain DPO (goal: time_vs_dpo <= flops_vs_dpo)."""
     ok = {r["variant"]: r for r in rows if r.get("status") == "ok"}
     base, dpo = ok.get("baseline"), ok.get("dpo")

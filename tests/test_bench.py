@@ -111,6 +111,17 @@ def test_append_grows_schema(tmp_path):
     assert n == 2 and results.import_rows(os.path.join(tmp_path, "x.csv"), str(tmp_path / "other"))[1] == 0
 
 
+def test_default_results_dir_is_under_the_current_directory(tmp_path, monkeypatch):
+    """Without --results-dir rows go to ./bench/results of the caller, never into the package's folder
+    (an installed bench would otherwise write into site-packages)."""
+    monkeypatch.chdir(tmp_path)
+    path = results.append_rows("x", [{"a": 1}], {"run_id": "r1"}, ["a"])
+    assert os.path.realpath(path) == os.path.realpath(tmp_path / "bench" / "results" / "x.csv")
+    assert results.read_rows("x")[0]["a"] == "1"
+    package = os.path.dirname(os.path.abspath(results.__file__))
+    assert not os.path.exists(os.path.join(package, "results", "x.csv"))
+
+
 def test_train_command_is_registered():
     """`python -m bench train` resolves to bench/train.py (its runs are tested in test_bench_train.py)."""
     assert "train" in cli.BENCHMARKS

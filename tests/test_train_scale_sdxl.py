@@ -93,7 +93,7 @@ def test_micro_conditioning_of_a_non_square_image():
     from PIL import Image
 
     from adpo_train.data import decode_image
-    from adpo_train.models import time_ids
+    from adpo_train.conditioning import time_ids
 
     buf = io.BytesIO()
     ramp = np.broadcast_to((np.arange(64) * 4).astype(np.uint8)[None, :, None], (40, 64, 3))  # value = 4 x column
