@@ -172,7 +172,7 @@ rest_args=()
 step tests 90 160 tests.log INT env OMP_NUM_THREADS=2 "${PYTEST[@]}" "${pytest_args[@]}" "${rest_args[@]}" tests \
     $(printf -- '--ignore=%s ' "${KERNEL_TESTS[@]}")
 
-# the loss benchmark at issue 3's GPU shapes; cases not started within --time-budget, or cut
+# the loss benchmark at the GPU goal's shapes; cases not started within --time-budget, or cut
 # off by the step's timeout (SIGTERM), are written as skipped rows, so the CSV is complete
 LOSS_ARGS=(--suite gpu --quick)
 [ "$DRY" = 1 ] && LOSS_ARGS=(--suite tiny --device cpu --providers eager,triton,cuda --modes full)

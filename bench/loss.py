@@ -2,7 +2,7 @@
 
 Providers (all in the same run, on the same inputs):
 
-``eager``     ``adaptive_dpo_loss(backend="torch")``, the literal reference (issue 3's baseline)
+``eager``     ``adaptive_dpo_loss(backend="torch")``, the literal reference (the baseline)
 ``compiled``  ``torch.compile`` of :func:`adpo_kernels.reference.forward` (same math, fused by Inductor)
 ``triton``, ``cuda``, ``cpu``
               ``adaptive_dpo_loss(backend=name)``, the fused kernels
@@ -94,8 +94,8 @@ def _cases(shapes, Ks, dtypes) -> list[Case]:
     return [Case(s, k, d) for s in shapes for d in dtypes for k in Ks]
 
 
-# Named suites.  ``cpu-sdxl`` is issue 4's goal (cpu vs compiled vs eager at sdxl, fp32 and
-# bf16, on this 2-core machine); ``gpu`` is issue 3's shape set (bf16, fp32 for sdxl).
+# Named suites.  ``cpu-sdxl`` is the CPU goal (cpu vs compiled vs eager at sdxl, fp32 and
+# bf16, on this 2-core machine); ``gpu`` is the GPU goal's shape set (bf16, fp32 for sdxl).
 SUITES: dict[str, dict] = {
     "tiny": dict(cases=[Case("tiny", 2, "fp32"), Case("tiny", 0, "bf16")], rep_ms=30, warmup_ms=5, min_reps=3,
                  max_reps=20, profile=True,
@@ -104,12 +104,12 @@ SUITES: dict[str, dict] = {
                 max_reps=100, profile=True, doc="default on CPU: sd15 shape, K=0 and 2, fp32 and bf16"),
     "cpu-sdxl": dict(cases=_cases(["sdxl"], [0, 2], ["fp32", "bf16"]), rep_ms=1500, warmup_ms=200, min_reps=5,
                      max_reps=50, profile=True, providers=("eager", "compiled", "cpu"),
-                     doc="issue 4's CPU goal: sdxl shape, fp32 and bf16, cpu vs compiled vs eager"),
+                     doc="the CPU goal: sdxl shape, fp32 and bf16, cpu vs compiled vs eager"),
     # K=2 first: under the GPU check's time budget the Adaptive-DPO cases are measured first
     "gpu": dict(cases=(_cases(["sd15", "sdxl", "large"], [2], ["bf16"]) + _cases(["sd15", "sdxl", "large"], [0], ["bf16"])
                        + _cases(["sdxl"], [2, 0], ["fp32"])),
                 rep_ms=150, warmup_ms=50, min_reps=10, max_reps=300, profile=True,
-                doc="default on CUDA: issue 3's shapes (sd15, sdxl, large; K=0 and 2; bf16, plus fp32 at sdxl)"),
+                doc="default on CUDA: the GPU goal's shapes (sd15, sdxl, large; K=0 and 2; bf16, plus fp32 at sdxl)"),
 }
 
 

@@ -226,7 +226,7 @@ def _ratio_cells(rs: list[dict], num: str, den: str, mode: str = "full") -> dict
 
 def _cpu_goal_section(loss_runs: list[list[dict]]) -> str:
     runs = [rs for rs in loss_runs if rs[0].get("device_type") == "cpu" and rs[0].get("suite") == "cpu-sdxl"]
-    lines = ["### Issue 4, CPU: the `cpu` kernel's fwd+bwd at `sdxl` (fp32 and bf16) at least as fast as "
+    lines = ["### CPU goal: the `cpu` kernel's fwd+bwd at `sdxl` (fp32 and bf16) at least as fast as "
              "`compiled` and at least 5x faster than `eager`, ratios from one run", ""]
     if not runs:
         return "\n".join(lines + [f"_{NYM}_ (no `cpu-sdxl` run in bench/results/loss.csv)."])
@@ -268,9 +268,9 @@ def _gpu_goal_section(loss_runs: list[list[dict]]) -> str:
         (">= 1.2x faster than torch.compile at every shape (full)", "compiled"),
         ("at `sd15`, fwd+bwd in at most 4 kernel launches", "launches"),
         ("peak memory beyond inputs and gradient under 1% of one input", "peak"),
-        ("CUDA kernels beat the Triton kernels (issue 4)", "cuda_vs_triton"),
+        ("CUDA kernels beat the Triton kernels", "cuda_vs_triton"),
     ]
-    head = ["### Issues 3 and 4, GPU goals (H100)", ""]
+    head = ["### GPU goals (H100)", ""]
     if not runs:
         body = [[g, NYM, NYM] for g, _ in goals]
         return "\n".join(head + [_md_table(["goal", "triton", "cuda"], body),
@@ -310,10 +310,10 @@ def _gpu_goal_section(loss_runs: list[list[dict]]) -> str:
 
 
 def _train_section(train_rows: list[dict]) -> str:
-    lines = ["## Trainer throughput (issue 6)", ""]
+    lines = ["## Trainer throughput", ""]
     if not train_rows:
         return "\n".join(lines + [f"_{NYM}_: no rows in bench/results/train.csv (the `train` benchmark, "
-                                  "`python -m bench train`, is added with issue 6)."])
+                                  "`python -m bench train`)."])
     for rs in latest_runs(train_rows):
         lines += [_run_heading(rs).split(" copy bandwidth")[0], "", "```", _generic_summary(rs), "```", ""]
     return "\n".join(lines)
@@ -352,7 +352,7 @@ def page(results_dir: Optional[str] = None) -> str:
         "",
         "```",
         "python -m bench loss                     # default suite for the device (gpu on CUDA, else cpu)",
-        "python -m bench loss --suite cpu-sdxl    # issue 4's CPU comparison (a few minutes on 2 cores)",
+        "python -m bench loss --suite cpu-sdxl    # the CPU comparison (a few minutes on 2 cores)",
         "python -m bench report && python -m bench plot   # this page and docs/img/bench_*.png",
         "bash bench/gpu_check.sh                  # the whole GPU check (build, tests, benchmarks), < 9 minutes",
         "pytest bench/test_loss_benchmark.py --benchmark-only   # pytest-benchmark entry points",
