@@ -14,60 +14,47 @@ and recorded in ``train_config.json``.
 User errors print one or two lines and exit 2 (``--debug`` or ``ADPO_TRAIN_DEBUG=1``: the
 traceback); see :mod:`adpo_train.errors` for every exit code.
 
-Options left unset are filled in layers: explicit flag > ``--preset`` > toy defaults
-(when no model is given) > general defaults.
+The flags are read once into a frozen :class:`adpo_train.config.TrainConfig` (:func:`resolve`);
+options left unset are filled in layers: explicit flag > ``--preset`` > toy values (when no
+model is given) > ``TrainConfig``'s defaults.  The loss flags are ``AdaptiveDPOConfig``'s fields.
+
+Two different flips: ``--inject_label_noise`` (old spelling ``--flip_ratio``) swaps the labels
+of a fraction of the DATA's pairs before training (an experiment on noisy preferences);
+``--loss_flip_ratio``/``--loss_flip_threshold`` are the LOSS's own flipping of high-metric pairs
+(``AdaptiveDPOConfig.flip_ratio``/``flip_threshold``, spec section 7).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Optional, Sequence
 
+from adpo_kernels.config import LOSS_TYPES, MARGIN_TYPES, WEIGHT_TYPES, AdaptiveDPOConfig
+
 from . import compat
+from .config import PAPER, PAPER_CUDA, PAPER_REAL_MODEL, TOY, TOY_LOSS, TrainConfig
 from .errors import Interrupted, UserError, debug_enabled
 
-# General defaults (diffusers' script's where it has one; loss options come from AdaptiveDPOConfig).
-DEFAULTS = dict(
-    dataset_split_name="train", resolution=512, train_batch_size=4, gradient_accumulation_steps=1,
-    max_train_steps=None, num_train_epochs=1, learning_rate=1e-5, lr_scheduler="constant", lr_warmup_steps=0,
-    adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0,
-    rank=8, lora_alpha=None, lora_target_modules="to_q,to_k,to_v,to_out.0", lora_init="gaussian",
-    mixed_precision="no", gradient_checkpointing=False, checkpointing_steps=500, checkpoints_total_limit=None,
-    output_dir="outputs/adpo-train", seed=0, report_to="tensorboard", logging_steps=10, overwrite_output_dir=False,
-    no_hflip=False, random_crop=False, lr_num_cycles=1, lr_power=1.0,
-    ema_decays=[0.9999, 0.5], ema_warmup_steps=2, flip_ratio=0.0, flip_seed=0,
-)
-# The built-in toy (no --pretrained_model_name_or_path): ~1.5 minutes on a 2-core CPU, toy build included.
-# Trained at 16 px (4x8x8 latents): a quarter of the 32 px cost, so the toy UNet's pre-training fits in
-# the budget (adpo_train/toy.py): with it, 150 steps lift the implicit accuracy well above 0.5.
-TOY_DEFAULTS = dict(
-    resolution=16, train_batch_size=8, max_train_steps=150, learning_rate=1e-3, rank=4,
-    checkpointing_steps=75, checkpoints_total_limit=1, output_dir="outputs/adpo-toy", logging_steps=5,
-    flip_ratio=0.2, report_to="jsonl", ema_decays=[0.99, 0.5], cpu_threads=1,
-    no_hflip=True,  # the toy's pre-training and defaults were tuned on unflipped images
-    overwrite_output_dir=True,  # the demo's own folder (outputs/adpo-toy): a second demo run replaces the first
-)
-# The toy's loss: the paper's metric settings with a beta fitted to the toy's logit scale.
-TOY_LOSS = dict(beta=500.0, rho=15.0, logits_normalize=True, margin_type="quadratic")
-# The paper's SD1.5 run (spec section 9): trainer-side values; loss values come from AdaptiveDPOConfig.paper().
-PAPER_TRAINER = dict(
-    rank=8, lora_alpha=8, lora_init="gaussian", learning_rate=1e-5, lr_scheduler="constant",
-    adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0,
-    ema_decays=[0.9999, 0.5], ema_warmup_steps=2, train_batch_size=16, gradient_accumulation_steps=2,
-    gradient_checkpointing=True, lora_target_modules="to_q,to_k,to_v,to_out.0",
-)
-PAPER_TRAINER_REAL_MODEL = dict(resolution=512)
-PAPER_TRAINER_CUDA = dict(mixed_precision="fp16")
-LOSS_FIELDS = ("beta", "adaptive", "rho", "weight_type", "tau", "intercept", "margin_type", "loss_type",
-               "beta_ipo", "label_smoothing", "logits_normalize", "std_standardize", "weight_normalize",
-               "flip_ratio", "flip_threshold", "sync_stats")
-# CLI name of each AdaptiveDPOConfig field where it differs from the field name.
+# CLI name of each AdaptiveDPOConfig field where it differs from the field name: the loss's own
+# flipping of high-metric pairs is --loss_flip_*, apart from the data-side --inject_label_noise.
 LOSS_FLAG = {"flip_ratio": "loss_flip_ratio", "flip_threshold": "loss_flip_threshold", "sync_stats": "sync_batch_stats"}
+LOSS_HELP = {
+    "adaptive": "Adaptive-DPO (default) or plain Diffusion-DPO",
+    "flip_ratio": "AdaptiveDPOConfig.flip_ratio: the loss flips the labels of this fraction of the "
+                  "highest-metric pairs (spec section 7; not --inject_label_noise)",
+    "flip_threshold": "AdaptiveDPOConfig.flip_threshold: only pairs whose metric is above it are flipped",
+    "sync_stats": "AdaptiveDPOConfig.sync_stats (multi-process)",
+}
+# diffusers' script lists cpo; the flag takes it so that compat.check can refuse it with the reason.
+LOSS_CHOICES = {"loss_type": LOSS_TYPES + ("cpo",), "weight_type": WEIGHT_TYPES,
+                "margin_type": tuple("none" if m is None else m for m in MARGIN_TYPES)}
+PRESETS = ("paper", "dpo", "none")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    b = argparse.BooleanOptionalAction
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data (names as in diffusers' train_diffusion_dpo.py)")
     g.add_argument("--pretrained_model_name_or_path", help="local diffusers-format folder (default: the built-in toy)")
     g.add_argument("--variant", help="weights variant, e.g. fp16")
@@ -94,12 +81,22 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    "flips winner and loser together by default; a latent cache stores one view per pair)")
     g.add_argument("--random_crop", action="store_true", default=None,
                    help="random instead of centre crop (same crop for both images of a pair)")
-    g.add_argument("--flip_ratio", type=float, help="inject label flips into this fraction of the pairs "
-                   "(recorded in OUTPUT_DIR/flipped_pairs.json)")
-    g.add_argument("--flip_seed", type=int)
+    _add_label_noise_flags(g)
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--toy_pairs", type=int, default=256, help="size of the toy preference set")
 
+
+def _add_label_noise_flags(g, default=None) -> None:
+    """Data-side label noise (``--flip_ratio``/``--flip_seed`` are its first, shipped spellings)."""
+    g.add_argument("--inject_label_noise", "--flip_ratio", dest="inject_label_noise", type=float, default=default,
+                   metavar="RATIO", help="swap winner and loser of this fraction of the pairs before training "
+                   "(recorded in OUTPUT_DIR/flipped_pairs.json; not the loss's --loss_flip_ratio)")
+    g.add_argument("--flip_seed", type=int, default=None if default is None else 0,
+                   help="seed of --inject_label_noise's choice of pairs")
+
+
+def _add_scale_flags(p: argparse.ArgumentParser) -> None:
+    b = argparse.BooleanOptionalAction
     g = p.add_argument_group("scale and speed (docs/trainer.md, 'At scale')")
     g.add_argument("--unet_config", help="random-init UNet from a config instead of pretrained weights: sd15, sdxl, "
                    "tiny, tiny-sdxl or a config.json path (with no data: --synthetic_pairs random latents)")
@@ -117,6 +114,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="reference + EMA annotators in one mixed-batch no-grad forward (LoRA mode; default off, "
                    "see docs/trainer.md for the measurement)")
 
+
+def _add_optimisation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, help="preference pairs per device per micro-batch")
     g.add_argument("--gradient_accumulation_steps", type=int)
@@ -124,8 +123,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_train_epochs", type=int)
     g.add_argument("--learning_rate", type=float)
     g.add_argument("--scale_lr", action="store_true")
-    g.add_argument("--lr_scheduler", choices=["linear", "cosine", "cosine_with_restarts", "polynomial",
-                                              "constant", "constant_with_warmup"])
+    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS)
     g.add_argument("--lr_warmup_steps", type=int)
     g.add_argument("--lr_num_cycles", type=int, help="hard restarts of cosine_with_restarts (default 1)")
     g.add_argument("--lr_power", type=float, help="power of the polynomial schedule (default 1.0)")
@@ -135,7 +133,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam_epsilon", type=float)
     g.add_argument("--max_grad_norm", type=float)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
-    g.add_argument("--gradient_checkpointing", action=b)
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction)
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--cpu_threads", type=int, help="torch threads when training on the CPU (toy default: 1, "
                    "which beats oversubscribed threads on the tiny model)")
@@ -145,32 +143,32 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora_target_modules", help="comma-separated attention projections")
     g.add_argument("--lora_init", help="peft init_lora_weights (default gaussian)")
 
+
+def _add_loss_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per AdaptiveDPOConfig field (``LOSS_FLAG`` renames three), then the trainer's loss options."""
     g = p.add_argument_group("loss (adpo_kernels.AdaptiveDPOConfig)")
-    g.add_argument("--preset", choices=["paper", "dpo", "none"], default="none",
+    g.add_argument("--preset", choices=PRESETS, default="none",
                    help="paper: AdaptiveDPOConfig.paper() and the paper's trainer settings; dpo: plain Diffusion-DPO")
     beta = g.add_mutually_exclusive_group()
     beta.add_argument("--beta_dpo", type=float, help="diffusers' meaning for the model family: SD1.5/2.x "
                       "beta = beta_dpo (train_diffusion_dpo.py), SDXL beta = beta_dpo / 2 (its _sdxl script)")
     beta.add_argument("--beta", type=float, help="this package's beta (= the Adaptive-DPO script's beta_dpo)")
-    g.add_argument("--adaptive", action=b, help="Adaptive-DPO (default) or plain Diffusion-DPO")
-    g.add_argument("--loss_type", choices=["sigmoid", "ipo", "hinge", "robust", "conservative", "cpo"])
-    g.add_argument("--rho", type=float)
-    g.add_argument("--weight_type", choices=["linear", "quadratic", "sqrt", "exp"])
-    g.add_argument("--tau", type=float)
-    g.add_argument("--intercept", type=float)
-    g.add_argument("--margin_type", choices=["none", "linear", "quadratic"])
-    g.add_argument("--beta_ipo", type=float)
-    g.add_argument("--label_smoothing", type=float)
-    g.add_argument("--logits_normalize", action=b)
-    g.add_argument("--std_standardize", action=b)
-    g.add_argument("--weight_normalize", action=b)
-    g.add_argument("--loss_flip_ratio", type=float, help="AdaptiveDPOConfig.flip_ratio (loss-side flipping)")
-    g.add_argument("--loss_flip_threshold", type=float, help="AdaptiveDPOConfig.flip_threshold")
-    g.add_argument("--sync_batch_stats", action=b, help="AdaptiveDPOConfig.sync_stats (multi-process)")
+    for f in dataclasses.fields(AdaptiveDPOConfig):
+        if f.name == "beta":
+            continue
+        flag, help_ = "--" + LOSS_FLAG.get(f.name, f.name), LOSS_HELP.get(f.name)
+        if isinstance(f.default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+        elif f.name in LOSS_CHOICES:
+            g.add_argument(flag, choices=LOSS_CHOICES[f.name], help=help_)
+        else:
+            g.add_argument(flag, type=float, help=help_)
     g.add_argument("--ema_decays", type=float, nargs="*", help="one EMA annotator per decay (default 0.9999 0.5)")
     g.add_argument("--ema_warmup_steps", type=int, help="metric off for the first N optimisation steps")
     g.add_argument("--loss_backend", default="auto", help="adpo_kernels backend (auto, torch, cpu, triton, cuda)")
 
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--output_dir")
     g.add_argument("--overwrite_output_dir", action="store_true", default=None, help="start a fresh run in an "
@@ -191,6 +189,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--debug", action="store_true", help="show the traceback of user errors")
 
+
+def _add_validation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("validation images (as diffusers' --run_validation)")
     g.add_argument("--run_validation", action="store_true", help="generate images of the validation prompts "
                    "with the current LoRA every --validation_steps and at the end: OUTPUT_DIR/validation/"
@@ -200,8 +200,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--validation_inference_steps", type=int, default=25)
     g.add_argument("--validation_guidance_scale", type=float, default=7.5)
     g.add_argument("--validation_resolution", type=int, help="default: --resolution")
-    compat.add_flags(p)
 
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    for add in (_add_model_flags, _add_scale_flags, _add_optimisation_flags, _add_loss_flags, _add_output_flags,
+                _add_validation_flags, compat.add_flags):
+        add(p)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adpo-train", description="Adaptive-DPO / Diffusion-DPO LoRA trainer. "
@@ -223,8 +227,7 @@ def build_cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae_encode_batch_size", type=int, help="same as --batch_size (diffusers' name)")
     p.add_argument("--shard_size", type=int, default=1024, help="pairs per shard")
     p.add_argument("--max_train_samples", type=int)
-    p.add_argument("--flip_ratio", type=float, default=0.0)
-    p.add_argument("--flip_seed", type=int, default=0)
+    _add_label_noise_flags(p, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the VAE latent sampling")
     p.add_argument("--cache_dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--device")
@@ -237,83 +240,107 @@ def build_cache_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset options (explicit > preset > toy > defaults) and attach ``args.loss_config``."""
-    import adpo_kernels as ak
-
+def resolve(args: argparse.Namespace) -> TrainConfig:
+    """The run's :class:`TrainConfig` from parsed flags: unset options filled in layers (explicit >
+    preset > toy > defaults), the loss options made into its ``loss_config``.  Built once; frozen."""
     compat.check(args)
+    model, vae = _locate_models(args)
+    toy = model is None and args.unet_config is None
+    synthetic_pairs = args.synthetic_pairs
+    if args.unet_config and not (args.dataset_name or args.latent_cache) and synthetic_pairs is None:
+        synthetic_pairs = 256
+    _check_sources(args, model, toy, synthetic_pairs)
+    sdxl = model_is_sdxl(args.unet_config, model)
+    values = _trainer_layers(args.preset, toy)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    if args.enable_xformers_memory_efficient_attention:
+        values["attention"] = "xformers"
+    loss_config = _loss_config(args, toy, sdxl)
+    if not loss_config.adaptive:
+        values["ema_decays"] = ()
+    return TrainConfig(**{**values, "pretrained_model_name_or_path": model, "pretrained_vae_model_name_or_path": vae,
+                          "synthetic_pairs": synthetic_pairs, "toy": toy, "sdxl": sdxl, "loss_config": loss_config,
+                          "beta_convention": compat.beta_note(args.beta_dpo, args.beta, sdxl)})
+
+
+def _locate_models(args: argparse.Namespace) -> tuple:
+    """The model and VAE folders (a hub repo id is looked up in the local Hugging Face cache)."""
     from .models import locate_model
 
-    if args.pretrained_model_name_or_path:
-        args.pretrained_model_name_or_path = locate_model(args.pretrained_model_name_or_path, args.revision,
-                                                          args.cache_dir)
+    model = args.pretrained_model_name_or_path
+    if model:
+        model = locate_model(model, args.revision, args.cache_dir)
     elif args.revision:
         raise UserError("--revision needs --pretrained_model_name_or_path (a hub repo id in the local cache)")
-    if args.pretrained_vae_model_name_or_path:
-        args.pretrained_vae_model_name_or_path = locate_model(args.pretrained_vae_model_name_or_path, None,
-                                                              args.cache_dir, "--pretrained_vae_model_name_or_path")
-    args.toy = args.pretrained_model_name_or_path is None and args.unet_config is None
-    if args.unet_config and not (args.dataset_name or args.latent_cache) and args.synthetic_pairs is None:
-        args.synthetic_pairs = 256
-    if args.synthetic_pairs and args.unet_config is None:
+    vae = args.pretrained_vae_model_name_or_path
+    if vae:
+        vae = locate_model(vae, None, args.cache_dir, "--pretrained_vae_model_name_or_path")
+    return model, vae
+
+
+def _check_sources(args: argparse.Namespace, model, toy: bool, synthetic_pairs) -> None:
+    if synthetic_pairs and args.unet_config is None:
         raise UserError("--synthetic_pairs needs --unet_config")
-    if args.unet_config and not args.synthetic_pairs and args.pretrained_model_name_or_path is None:
+    if args.unet_config and not synthetic_pairs and model is None:
         raise UserError("--unet_config with data needs --pretrained_model_name_or_path for the "
-                         "scheduler/VAE/text encoders (or use --synthetic_pairs)")
-    if args.toy and (args.dataset_name or args.latent_cache):
+                        "scheduler/VAE/text encoders (or use --synthetic_pairs)")
+    if toy and (args.dataset_name or args.latent_cache):
         raise UserError("--dataset_name/--latent_cache need --pretrained_model_name_or_path "
-                         "(the toy set only fits the toy model)")
-    layers = [DEFAULTS]
-    if args.toy:
-        layers.append(TOY_DEFAULTS)
-    if args.preset == "paper":
+                        "(the toy set only fits the toy model)")
+
+
+def _trainer_layers(preset: str, toy: bool) -> dict:
+    """Trainer options of the toy and the preset (later layers win); the rest are TrainConfig's defaults."""
+    values: dict = {}
+    if toy:
+        values.update(TOY)
+    if preset == "paper":
         import torch
 
-        layers.append(PAPER_TRAINER)
-        if not args.toy:
-            layers.append(PAPER_TRAINER_REAL_MODEL)
+        values.update(PAPER)
+        if not toy:
+            values.update(PAPER_REAL_MODEL)
         if torch.cuda.is_available():
-            layers.append(PAPER_TRAINER_CUDA)
-    merged: dict = {}
-    for layer in layers:
-        merged.update(layer)
-    loss_explicit = {}
-    for field in LOSS_FIELDS:
-        flag = LOSS_FLAG.get(field, field)
-        if getattr(args, flag, None) is not None:
-            loss_explicit[field] = getattr(args, flag)
-    args.sdxl = model_is_sdxl(args)
+            values.update(PAPER_CUDA)
+    return values
+
+
+def _loss_config(args: argparse.Namespace, toy: bool, sdxl: bool) -> AdaptiveDPOConfig:
+    """The preset's (or the toy's) AdaptiveDPOConfig with the loss flags given; a bad value names its flag."""
+    explicit = {}
+    for f in dataclasses.fields(AdaptiveDPOConfig):
+        value = getattr(args, LOSS_FLAG.get(f.name, f.name))
+        if value is not None:
+            explicit[f.name] = value
     if args.beta_dpo is not None:
-        loss_explicit["beta"] = compat.beta_from_beta_dpo(args.beta_dpo, args.sdxl)
-    if loss_explicit.get("margin_type") == "none":
-        loss_explicit["margin_type"] = None
-    for key, value in merged.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+        explicit["beta"] = compat.beta_from_beta_dpo(args.beta_dpo, sdxl)
+    if explicit.get("margin_type") == "none":
+        explicit["margin_type"] = None
     if args.preset == "paper":
-        base = ak.AdaptiveDPOConfig.paper()
+        base = AdaptiveDPOConfig.paper()
     elif args.preset == "dpo":
-        base = ak.AdaptiveDPOConfig.dpo()
+        base = AdaptiveDPOConfig.dpo()
     else:
-        base = ak.AdaptiveDPOConfig(**(TOY_LOSS if args.toy else {}))
-    if args.toy and args.preset != "none" and "beta" not in loss_explicit:
-        loss_explicit["beta"] = TOY_LOSS["beta"]  # the toy's logits are ~100x smaller than SD's
-    args.loss_config = base.replace(**loss_explicit)
-    if not args.loss_config.adaptive:
-        args.ema_decays = []
-    return args
+        base = AdaptiveDPOConfig(**(TOY_LOSS if toy else {}))
+    if toy and args.preset != "none" and "beta" not in explicit:
+        explicit["beta"] = TOY_LOSS["beta"]  # the toy's logits are ~100x smaller than SD's
+    try:
+        return base.replace(**explicit)
+    except (TypeError, ValueError) as e:
+        name = str(e).split(":", 1)[0].rpartition(".")[2]
+        flag = "--beta_dpo" if name == "beta" and args.beta_dpo is not None else "--" + LOSS_FLAG.get(name, name)
+        raise UserError(f"{flag}: {str(e).split(':', 1)[-1].strip()}") from None
 
-
-def model_is_sdxl(args: argparse.Namespace) -> bool:
+def model_is_sdxl(unet_config_name: Optional[str], path: Optional[str]) -> bool:
     """Whether the run trains an SDXL-style UNet (two text encoders): decides ``--beta_dpo``'s meaning."""
     from .models import is_sdxl_folder, unet_config
 
-    if args.unet_config:
+    if unet_config_name:
         try:
-            return unet_config(args.unet_config).get("addition_embed_type") == "text_time"
+            return unet_config(unet_config_name).get("addition_embed_type") == "text_time"
         except ValueError as e:
             raise UserError(str(e)) from None
-    path = args.pretrained_model_name_or_path
     return bool(path) and os.path.isdir(path) and is_sdxl_folder(path)
 
 
@@ -356,7 +383,7 @@ def _main(argv: list) -> int:
         a.pretrained_model_name_or_path = locate_model(a.pretrained_model_name_or_path, a.revision, a.cache_dir)
         build_cache(a.pretrained_model_name_or_path, a.dataset_name, a.latent_cache, split=a.dataset_split_name,
                     resolution=a.resolution, batch_size=a.batch_size, shard_size=a.shard_size,
-                    flip_ratio=a.flip_ratio, flip_seed=a.flip_seed, max_pairs=a.max_train_samples, seed=a.seed,
+                    flip_ratio=a.inject_label_noise, flip_seed=a.flip_seed, max_pairs=a.max_train_samples, seed=a.seed,
                     dtype=a.cache_dtype, device=a.device, variant=a.variant, hflip=not a.no_hflip,
                     random_crop=a.random_crop, vae_path=a.pretrained_vae_model_name_or_path)
         return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from typing import Optional
 
 from .errors import UserError
 
@@ -49,12 +50,10 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Refuse what cannot be honoured, with the reason; map aliases onto this trainer's options."""
+    """Refuse what cannot be honoured, with the reason (aliases are mapped when the TrainConfig is built)."""
     for flag, why in REFUSED.items():
         if getattr(args, flag, None):
             raise UserError(f"--{flag} is not supported: {why}")
-    if args.enable_xformers_memory_efficient_attention:
-        args.attention = "xformers"
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("--use_8bit_adam needs bitsandbytes (`pip install bitsandbytes`); or drop the flag "
                         "for torch's AdamW")
@@ -84,10 +83,10 @@ def beta_from_beta_dpo(beta_dpo: float, sdxl: bool) -> float:
     return beta_dpo / 2.0 if sdxl else float(beta_dpo)
 
 
-def beta_note(args: argparse.Namespace) -> str:
-    """How the effective beta came about (printed and recorded in train_config.json)."""
-    if getattr(args, "beta_dpo", None) is not None:
-        if getattr(args, "sdxl", False):
-            return f"--beta_dpo {args.beta_dpo:g} / 2, as diffusers' train_diffusion_dpo_sdxl.py"
-        return f"--beta_dpo {args.beta_dpo:g}, as diffusers' train_diffusion_dpo.py"
-    return "--beta" if getattr(args, "beta", None) is not None else "default"
+def beta_note(beta_dpo: Optional[float], beta: Optional[float], sdxl: bool) -> str:
+    """How the effective beta came about from ``--beta_dpo``/``--beta`` (printed, in train_config.json)."""
+    if beta_dpo is not None:
+        if sdxl:
+            return f"--beta_dpo {beta_dpo:g} / 2, as diffusers' train_diffusion_dpo_sdxl.py"
+        return f"--beta_dpo {beta_dpo:g}, as diffusers' train_diffusion_dpo.py"
+    return "--beta" if beta is not None else "default"

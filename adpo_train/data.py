@@ -156,7 +156,7 @@ class PickAPicPairs:
             self.rows = self.rows[:max_pairs]
         self.first_wins = labels[self.rows] > 0.5
         if not 0.0 <= flip_ratio <= 1.0:
-            raise UserError(f"--flip_ratio: expected a number in [0, 1], got {flip_ratio}")
+            raise UserError(f"--inject_label_noise: expected a number in [0, 1], got {flip_ratio}")
         self.flipped = np.zeros(len(self.rows), dtype=bool)
         n_flip = int(round(flip_ratio * len(self.rows)))
         if n_flip:

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import time
-from argparse import Namespace
 from typing import Optional
 
 import torch
@@ -38,7 +37,7 @@ from . import checkpoint as ckpt
 from . import skip
 from .annotators import EMAAnnotators, MixedBatchAnnotators
 from .cache import check_cache_fits
-from .compat import beta_note
+from .config import TrainConfig
 from .conditioning import load_text_encoders
 from .data import (CachedPairDataset, ImagePairDataset, PairBatchSampler, PickAPicPairs, SyntheticPairDataset,
                    collate_cached, collate_images)
@@ -49,8 +48,9 @@ from .signals import StopRequest
 from .state import F, StepMetrics, StepOptions, TrainState, train_step
 from .step import StepModels, compile_unet
 
-def _prepare_toy(args: Namespace, log) -> None:
-    """Materialise the toy model, dataset and latent cache under OUTPUT_DIR/toy (reused when present)."""
+def _prepare_toy(args: TrainConfig, log) -> TrainConfig:
+    """Materialise the toy model, dataset and latent cache under OUTPUT_DIR/toy (reused when present);
+    returns the config that trains from them."""
     from . import toy
     from .cache import build_cache
 
@@ -60,19 +60,19 @@ def _prepare_toy(args: Namespace, log) -> None:
     data = os.path.join(root, "data", f"pick_a_pic_toy_{args.toy_pairs}.parquet")
     if not os.path.isfile(data):
         toy.write_toy_dataset(data, args.toy_pairs)
-    cache = os.path.join(root, f"cache-{pt}-{args.toy_pairs}-flip{args.flip_ratio}-seed{args.flip_seed}")
+    cache = os.path.join(root, f"cache-{pt}-{args.toy_pairs}-flip{args.inject_label_noise}-seed{args.flip_seed}")
     if not os.path.isfile(os.path.join(cache, "index.json")):
-        build_cache(model, data, cache, resolution=toy.RESOLUTION, batch_size=64, flip_ratio=args.flip_ratio,
+        build_cache(model, data, cache, resolution=toy.RESOLUTION, batch_size=64, flip_ratio=args.inject_label_noise,
                     flip_seed=args.flip_seed, max_pairs=args.max_train_samples, seed=args.seed, device="cpu", log=log)
-    args.pretrained_model_name_or_path, args.dataset_name, args.latent_cache = model, data, cache
-    args.resolution = toy.RESOLUTION
+    return args.replace(pretrained_model_name_or_path=model, dataset_name=data, latent_cache=cache,
+                        resolution=toy.RESOLUTION)
 
 
 def _trackers(args, accelerator, log):
     """Start the trackers accelerate was given (tensorboard is dropped quietly when not installed)."""
     if not accelerator.log_with:
         return False
-    accelerator.init_trackers(args.tracker_name, config={k: v for k, v in vars(args).items()
+    accelerator.init_trackers(args.tracker_name, config={k: v for k, v in args.to_dict().items()
                                                          if isinstance(v, (int, float, str, bool))})
     return True
 
@@ -93,7 +93,7 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def train(args: Namespace) -> dict:
+def train(args: TrainConfig) -> dict:
     """Train; returns ``dict(lora=..., metrics=..., plot=..., global_step=...)``."""
     quiet_libraries()
     threads = torch.get_num_threads()
@@ -104,12 +104,12 @@ def train(args: Namespace) -> dict:
         torch.set_num_threads(threads)  # --cpu_threads must not leak into a caller's process
 
 
-def _train(args: Namespace, stop: StopRequest) -> dict:
+def _train(args: TrainConfig, stop: StopRequest) -> dict:
     accelerator = _accelerator(args)
     main_proc = accelerator.is_main_process
     log = print if main_proc else (lambda *a, **k: None)
     t_start = time.time()
-    _prepare_inputs(args, accelerator, log)
+    args = _prepare_inputs(args, accelerator, log)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     from accelerate.utils import set_seed
@@ -119,11 +119,12 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     scheduler, unet, reference_unet, named = _build_models(args, device, weight_dtype, log)
     data = _build_data(args, accelerator, unet, weight_dtype, log)
+    args = args.replace(resolution=data.resolution)  # a latent cache's or the synthetic UNet's
     sampler = PairBatchSampler(len(data.dataset), args.train_batch_size, args.seed, rank=accelerator.process_index,
                                world=accelerator.num_processes)
     if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * math.ceil(sampler.num_batches()
-                                                                 / args.gradient_accumulation_steps)
+        args = args.replace(max_train_steps=args.num_train_epochs * math.ceil(
+            sampler.num_batches() / args.gradient_accumulation_steps))
     state = _build_state(args, accelerator, scheduler, unet, reference_unet, named, data, weight_dtype, log)
     run = _Run(args, accelerator, stop, log, data, sampler, scheduler, state)
     _resume(run)
@@ -139,7 +140,7 @@ def _train(args: Namespace, stop: StopRequest) -> dict:
     return _finish(run, t_start)
 
 
-def _accelerator(args: Namespace):
+def _accelerator(args: TrainConfig):
     """The Accelerator, after every rank has checked --output_dir (the main process clears it)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -169,29 +170,31 @@ def _accelerator(args: Namespace):
     return accelerator
 
 
-def _prepare_inputs(args: Namespace, accelerator, log) -> None:
-    """The toy model/data (--toy) and the latent cache (--cache_latents), built by the main process."""
+def _prepare_inputs(args: TrainConfig, accelerator, log) -> TrainConfig:
+    """The toy model/data (--toy) and the latent cache (--cache_latents), built by the main process;
+    returns the config that trains from them."""
     main_proc = accelerator.is_main_process
     if args.toy:
         if main_proc:
-            _prepare_toy(args, log)
+            args = _prepare_toy(args, log)
         accelerator.wait_for_everyone()
         if not main_proc:
-            _prepare_toy(args, lambda *a, **k: None)
+            args = _prepare_toy(args, lambda *a, **k: None)
     if args.cache_latents and not args.latent_cache:
         from .cache import build_cache
 
-        args.latent_cache = os.path.join(args.output_dir, "latent_cache")
+        args = args.replace(latent_cache=os.path.join(args.output_dir, "latent_cache"))
         if main_proc:
             build_cache(args.pretrained_model_name_or_path, args.dataset_name, args.latent_cache,
-                        split=args.dataset_split_name, resolution=args.resolution, flip_ratio=args.flip_ratio,
+                        split=args.dataset_split_name, resolution=args.resolution, flip_ratio=args.inject_label_noise,
                         flip_seed=args.flip_seed, max_pairs=args.max_train_samples, seed=args.seed,
                         device=_dev(accelerator.device), variant=args.variant, log=log, hflip=not args.no_hflip,
                         random_crop=args.random_crop, vae_path=args.pretrained_vae_model_name_or_path)
         accelerator.wait_for_everyone()
+    return args
 
 
-def _build_models(args: Namespace, device, weight_dtype, log):
+def _build_models(args: TrainConfig, device, weight_dtype, log):
     """``(noise scheduler, UNet, frozen reference UNet or None, [(name, trained parameter)])``."""
     if args.pretrained_model_name_or_path:
         scheduler = load_scheduler(args.pretrained_model_name_or_path, args.prediction_type)
@@ -228,11 +231,12 @@ class _Data:
     collate: object
     flip_record: Optional[dict]
     stats: dict
+    resolution: int  # of the pairs' images (a latent cache's may differ from --resolution)
     vae: object = None
     text_encoder: object = None
 
 
-def _build_data(args: Namespace, accelerator, unet, weight_dtype, log) -> _Data:
+def _build_data(args: TrainConfig, accelerator, unet, weight_dtype, log) -> _Data:
     """The pair dataset: synthetic, a latent cache, or images encoded in every step."""
     device = accelerator.device
     stat_keys = ("num_rows", "num_ties", "num_corrupt", "num_pairs")
@@ -241,22 +245,21 @@ def _build_data(args: Namespace, accelerator, unet, weight_dtype, log) -> _Data:
         ss = unet.config.sample_size
         dataset = SyntheticPairDataset(args.synthetic_pairs, (unet.config.in_channels, ss, ss), (tokens, width),
                                        pooled, resolution=ss * 8, seed=args.seed)
-        args.resolution = ss * 8
-        data = _Data(dataset, collate_cached, None, {k: dataset.meta[k] for k in stat_keys})
+        data = _Data(dataset, collate_cached, None, {k: dataset.meta[k] for k in stat_keys}, ss * 8)
     elif args.latent_cache:
-        if args.flip_ratio and not args.toy:
-            log("note: --flip_ratio is applied when the cache is built; the cache's flips are used")
+        if args.inject_label_noise and not args.toy:
+            log("note: --inject_label_noise is applied when the cache is built; the cache's flips are used")
         dataset = CachedPairDataset(args.latent_cache)
         meta = dataset.meta
         check_cache_fits(args, meta, dataset, unet, log)
-        args.resolution = meta.get("resolution", args.resolution)  # what the latents were made at
         data = _Data(dataset, collate_cached,
                      {k: meta[k] for k in ("flip_ratio", "flip_seed", "flipped_pairs", "flipped_rows")},
-                     {k: meta[k] for k in stat_keys})
+                     {k: meta[k] for k in stat_keys},
+                     meta.get("resolution", args.resolution))  # what the latents were made at
     else:
         if not args.dataset_name:
             raise UserError("give --dataset_name or --latent_cache")
-        pairs = PickAPicPairs(args.dataset_name, args.dataset_split_name, args.flip_ratio, args.flip_seed,
+        pairs = PickAPicPairs(args.dataset_name, args.dataset_split_name, args.inject_label_noise, args.flip_seed,
                               args.max_train_samples)
         vae = load_vae(args.pretrained_model_name_or_path, args.variant,
                        args.pretrained_vae_model_name_or_path).to(device, dtype=weight_dtype)
@@ -265,14 +268,14 @@ def _build_data(args: Namespace, accelerator, unet, weight_dtype, log) -> _Data:
                                    random_crop=args.random_crop, seed=args.seed)
         data = _Data(dataset, collate_images, pairs.flip_record(),
                      {"num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": None,
-                      "num_pairs": len(pairs)}, vae, text_encoder)
+                      "num_pairs": len(pairs)}, args.resolution, vae, text_encoder)
     if accelerator.is_main_process and data.flip_record is not None:
         with open(os.path.join(args.output_dir, "flipped_pairs.json"), "w") as f:
             json.dump(data.flip_record, f)
     return data
 
 
-def _optimizer(args: Namespace, params: list, accelerator, num_training_steps: int):
+def _optimizer(args: TrainConfig, params: list, accelerator, num_training_steps: int):
     """AdamW (fused on CUDA, or bitsandbytes' 8-bit) and the LR schedule."""
     from diffusers.optimization import get_scheduler
 
@@ -294,7 +297,7 @@ def _optimizer(args: Namespace, params: list, accelerator, num_training_steps: i
     return optimizer, lr_scheduler
 
 
-def _check_distributed(args: Namespace, accelerator) -> None:
+def _check_distributed(args: TrainConfig, accelerator) -> None:
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -336,7 +339,7 @@ def _load_weights(accelerator, full_finetune: bool, models, input_dir) -> None:
             load_lora_state_dict(m, load_file(os.path.join(input_dir, "lora.safetensors")))
 
 
-def _build_annotators(args: Namespace, cfg, base_unet, named, log):
+def _build_annotators(args: TrainConfig, cfg, base_unet, named, log):
     if not (cfg.adaptive and args.ema_decays):
         return None
     names, params = [n for n, _ in named], [p for _, p in named]
@@ -347,7 +350,7 @@ def _build_annotators(args: Namespace, cfg, base_unet, named, log):
     return EMAAnnotators(params, names, args.ema_decays)
 
 
-def _build_state(args: Namespace, accelerator, scheduler, unet, reference_unet, named, data: _Data,
+def _build_state(args: TrainConfig, accelerator, scheduler, unet, reference_unet, named, data: _Data,
                  weight_dtype, log) -> TrainState:
     """Optimiser, compilation, accelerate's prepare and hooks, annotators, generators: the TrainState."""
     params = [p for _, p in named]
@@ -379,7 +382,7 @@ def _build_state(args: Namespace, accelerator, scheduler, unet, reference_unet, 
 class _Run:
     """The loop's surroundings: arguments, output paths, the progress bar, the validator."""
 
-    def __init__(self, args: Namespace, accelerator, stop: StopRequest, log, data: _Data,
+    def __init__(self, args: TrainConfig, accelerator, stop: StopRequest, log, data: _Data,
                  sampler: PairBatchSampler, scheduler, state: TrainState):
         self.args, self.accelerator, self.stop, self.log, self.data = args, accelerator, stop, log, data
         self.scheduler, self.state = scheduler, state
@@ -441,13 +444,13 @@ def _write_run_config(run: _Run, named) -> None:
     n_params = sum(p.numel() for _, p in named)
     if run.main_proc:
         with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "loss_config"},
-                       "beta": cfg.beta, "beta_convention": beta_note(args),
+            json.dump({"args": args.to_dict(),
+                       "beta": cfg.beta, "beta_convention": args.beta_convention,
                        "loss_config": dataclasses.asdict(cfg), "data": run.data.stats,
                        "lora_parameters": n_params}, f, indent=1, default=str)
     run.log(f"adpo-train: {len(run.data.dataset)} pairs, {run.batches_per_epoch} batches/epoch of "
             f"{args.train_batch_size} pairs, {args.max_train_steps} steps, "
-            f"{'Adaptive-DPO' if cfg.adaptive else 'Diffusion-DPO'} beta={cfg.beta:g} ({beta_note(args)}), "
+            f"{'Adaptive-DPO' if cfg.adaptive else 'Diffusion-DPO'} beta={cfg.beta:g} ({args.beta_convention}), "
             f"{len(args.ema_decays)} EMA annotator(s), "
             + ("full fine-tune" if args.full_finetune else f"LoRA r={args.rank}")
             + f" ({n_params:,} params), {run.scheduler.config.prediction_type}, device {st.device}"

@@ -85,12 +85,12 @@ def test_beta_mapping_and_paper_preset():
     a = resolve(build_parser().parse_args(model + ["--preset", "paper"]))
     assert a.loss_config == ak.AdaptiveDPOConfig.paper()
     assert (a.rank, a.lora_alpha, a.learning_rate, a.gradient_accumulation_steps, a.train_batch_size) == (8, 8, 1e-5, 2, 16)
-    assert a.ema_decays == [0.9999, 0.5] and a.ema_warmup_steps == 2 and a.gradient_checkpointing
+    assert a.ema_decays == (0.9999, 0.5) and a.ema_warmup_steps == 2 and a.gradient_checkpointing
     a = resolve(build_parser().parse_args(model + ["--preset", "paper", "--rank", "4", "--rho", "3",
                                                    "--margin_type", "none"]))
     assert a.rank == 4 and a.loss_config.rho == 3.0 and a.loss_config.margin_type is None
     a = resolve(build_parser().parse_args(model + ["--no-adaptive"]))
-    assert not a.loss_config.adaptive and a.ema_decays == []
+    assert not a.loss_config.adaptive and a.ema_decays == ()
 
 
 def test_experiment_dispatch(monkeypatch):
