@@ -87,7 +87,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_label_noise_flags(g, default=None) -> None:
-    """Data-side label noise (``--flip_ratio``/``--flip_seed`` are its first, shipped spellings)."""
+    """Data-side label noise (``--flip_ratio`` is its first, shipped spelling, still accepted)."""
     g.add_argument("--inject_label_noise", "--flip_ratio", dest="inject_label_noise", type=float, default=default,
                    metavar="RATIO", help="swap winner and loser of this fraction of the pairs before training "
                    "(recorded in OUTPUT_DIR/flipped_pairs.json; not the loss's --loss_flip_ratio)")
