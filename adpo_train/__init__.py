@@ -14,7 +14,8 @@ def main(argv=None) -> int:
     return _main(argv)
 
 
-def train(args):
-    """Run training from a parsed argument namespace (see :func:`adpo_train.cli.build_parser`)."""
+def train(config):
+    """Run training from a frozen :class:`adpo_train.config.TrainConfig` (built from flags by
+    :func:`adpo_train.cli.resolve`, or a preset such as ``TrainConfig.toy_demo()``)."""
     from .trainer import train as _train
-    return _train(args)
+    return _train(config)
