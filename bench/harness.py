@@ -30,6 +30,8 @@ from typing import Callable, Optional
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the benchmark dtypes by their names in the CSV rows and on the command line
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from . import harness, results
 
 MODES = ("forward", "backward", "full")
 PROVIDERS = ("eager", "compiled", "triton", "cuda", "cpu")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = harness.DTYPES
 
 # name -> (B pairs, per-sample shape S); inputs are (2B, *S), the shared target (B, *S)
 SHAPES = {

@@ -62,7 +62,7 @@ SUITES = {
 # dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment; first match wins
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("H800", 989.4e12),
               ("A100", 312e12), ("L40S", 362e12), ("A10G", 125e12), ("4090", 165e12)]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = harness.DTYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
