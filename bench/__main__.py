@@ -5,6 +5,7 @@ Benchmarks (each appends rows to ``<results dir>/<name>.csv``; ``--results-dir``
 
     loss     the fused loss: eager / compiled / triton / cuda / cpu providers (bench/loss.py)
     train    trainer throughput: the trainer's own step vs the published loop (bench/train.py), when present
+    memory   memory per GPU of parameters, gradients, AdamW, reference and EMA: DDP vs FSDP (bench/memory.py)
 
 Tools:
 
@@ -29,6 +30,7 @@ import torch
 BENCHMARKS = {
     "loss": "fused loss forward/backward per provider",
     "train": "trainer throughput: baseline loop, DPO, Adaptive-DPO",
+    "memory": "memory per GPU (params, grads, AdamW, reference, EMA): DDP vs FSDP, computed + tiny measured",
 }
 
 

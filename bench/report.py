@@ -122,7 +122,7 @@ def _loss_summary(rs: list[dict]) -> str:
 
 
 def _generic_summary(rs: list[dict]) -> str:
-    keys = ("pairs_per_s", "step_ms", "mfu", "peak_mem_gb", "median_ms")
+    keys = ("pairs_per_s", "step_ms", "mfu", "peak_mem_gb", "median_ms", "total_gib")
     lines = []
     for r in rs:
         who = r.get("provider") or r.get("variant") or r.get("name", "?")
