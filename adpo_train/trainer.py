@@ -303,12 +303,14 @@ def _check_distributed(args: TrainConfig, accelerator) -> None:
     if accelerator.distributed_type == DistributedType.FSDP:
         # FSDP shards parameters into DTensors: the in-place EMA swaps, the LoRA/EMA checkpoint files and
         # the final LoRA export would need gathered (full_tensor) copies on every rank. Not implemented.
-        raise UserError("FSDP is not supported yet (see docs/trainer.md, 'At scale'); use DDP or "
-                         "DeepSpeed ZeRO-2 (docs/accelerate/deepspeed_zero2.yaml): both keep whole parameters "
-                         "on every GPU, which the EMA swaps and the LoRA export rely on")
+        raise UserError("FSDP is not supported yet (see docs/trainer.md, 'At scale'); use DDP "
+                         "(docs/accelerate/ddp.yaml): it keeps whole parameters on every GPU, which the EMA swaps "
+                         "and the LoRA export rely on")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # no dataloader goes through prepare(): DeepSpeed needs the micro-batch size stated
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+        # Tried (deepspeed 0.19.8, CPU): the step fails at once, DeepSpeed's clip_grad_norm_ returns a float
+        # and steps the optimiser inside backward, so the on-device skip of a non-finite step cannot work.
+        raise UserError("DeepSpeed is not supported (see docs/trainer.md, 'At scale'); use DDP "
+                         "(docs/accelerate/ddp.yaml)")
 
 
 def _save_weights(accelerator, full_finetune: bool, models, weights, output_dir) -> None:
