@@ -14,7 +14,7 @@ bit for bit.  Annotator forwards must run before the policy's grad-enabled forwa
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -28,18 +28,32 @@ class EMAWeights:
         self.params = list(params)
         self.names = list(names)
         self.decays = [float(d) for d in decays]
-        self.emas = [EMAModel(self.params, decay=d, min_decay=0.0, update_after_step=0, use_ema_warmup=False,
+        self.trainable = [p.requires_grad for p in self.params]
+        # under FSDP each shadow is a copy of this rank's shard only (fsdp.local): no gather, ever
+        self.emas = [EMAModel(self.local(), decay=d, min_decay=0.0, update_after_step=0, use_ema_warmup=False,
                               foreach=True) for d in self.decays]
+
+    def local(self) -> list[torch.Tensor]:
+        """The live parameters (this rank's shards under FSDP), detached views of their storage."""
+        from .fsdp import local
+
+        return [local(p) for p in self.params]
 
     @torch.no_grad()
     def step(self) -> None:
         """One EMA update of every copy from the current parameters (after an optimiser step)."""
+        live = self.marked(self.local())
         for ema in self.emas:
-            ema.step(self.params)
+            ema.step(live)
+
+    def marked(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``tensors`` flagged trainable like the parameters (``EMAModel`` copies, rather than averages,
+        what does not require grad)."""
+        return [t.detach().requires_grad_(rg) for t, rg in zip(tensors, self.trainable)]
 
     # -- checkpointing (safetensors tensors + JSON scalars) ---------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"ema{k}.{name}": s.detach().contiguous().cpu()
+        return {f"ema{k}.{name}": s.detach().contiguous().cpu()  # this rank's shards under FSDP
                 for k, ema in enumerate(self.emas) for name, s in zip(self.names, ema.shadow_params)}
 
     def state_meta(self) -> dict:
@@ -47,11 +61,16 @@ class EMAWeights:
 
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        if [float(d) for d in meta["decays"]] != self.decays:
-            raise ValueError(f"checkpoint EMA decays {meta['decays']} differ from --ema_decays {self.decays}")
+        self.load_meta(meta)
         for k, ema in enumerate(self.emas):
             for name, s in zip(self.names, ema.shadow_params):
                 s.copy_(tensors[f"ema{k}.{name}"])
+
+    def load_meta(self, meta: dict) -> None:
+        """The decays (checked) and the EMA step counts of a checkpoint (FSDP: the shards come from DCP)."""
+        if [float(d) for d in meta["decays"]] != self.decays:
+            raise ValueError(f"checkpoint EMA decays {meta['decays']} differ from --ema_decays {self.decays}")
+        for k, ema in enumerate(self.emas):
             ema.optimization_step = int(meta["optimization_steps"][k])
 
 
@@ -94,21 +113,28 @@ class Annotators:
 class EMAAnnotators(Annotators):
     """Evaluated by swapping each EMA copy into the live parameters in place."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], names: Sequence[str], decays: Sequence[float]):
+    def __init__(self, params: Sequence[torch.nn.Parameter], names: Sequence[str], decays: Sequence[float],
+                 after_swap: Optional[Callable[[], None]] = None):
+        """``after_swap``: called after every copy into the live parameters (under FSDP:
+        :func:`adpo_train.fsdp.reshard`, so that the next forward gathers the copied shards)."""
         super().__init__(EMAWeights(params, names, decays))
-        self._backup = [p.detach().clone() for p in self.params] if self.decays else []
+        self._backup = [t.clone() for t in self.weights.local()] if self.decays else []
+        self._after_swap = after_swap or (lambda: None)
 
     @contextlib.contextmanager
     def swapped(self, k: int):
         """Within the block the live parameters hold annotator ``k``'s EMA weights."""
+        live = self.weights.local()
         with torch.no_grad():
-            torch._foreach_copy_(self._backup, [p.detach() for p in self.params])
-            torch._foreach_copy_([p.detach() for p in self.params], self.emas[k].shadow_params)
+            torch._foreach_copy_(self._backup, live)
+            torch._foreach_copy_(live, self.emas[k].shadow_params)
+        self._after_swap()
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in self.params], self._backup)
+                torch._foreach_copy_(live, self._backup)
+            self._after_swap()
 
     @torch.no_grad()
     def predict(self, forward: Callable[[], torch.Tensor]) -> list[torch.Tensor]:

@@ -52,7 +52,7 @@ def resolve(output_dir: str, spec: Optional[str]) -> Optional[str]:
 
 # What a run writes into OUTPUT_DIR (besides checkpoints): replaced by --overwrite_output_dir, nothing else is.
 RUN_FILES = ("metrics.jsonl", "pairs.jsonl", "train_config.json", "pytorch_lora_weights.safetensors",
-             "ema_annotators.safetensors", "flipped_pairs.json", "training_curves.png")
+             "ema_annotators.safetensors", "flipped_pairs.json", "training_curves.png", "memory_per_rank.json")
 RUN_DIRS = ("unet", "validation", "latent_cache")
 
 

@@ -110,6 +110,9 @@ def _add_scale_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention", choices=["sdpa", "xformers"], default="sdpa",
                    help="xformers only when it loads; otherwise PyTorch SDPA (diffusers' default)")
     g.add_argument("--fused_adamw", action=b, help="AdamW(fused=True) (default: on with CUDA)")
+    g.add_argument("--distributed", choices=["ddp", "fsdp"], help="with several processes (accelerate launch, "
+                   "torchrun): ddp replicates the UNet on every GPU (default); fsdp shards parameters, gradients, "
+                   "optimizer state and EMA annotators over them (FSDP2; docs/trainer.md, 'Past one GPU')")
     g.add_argument("--batched_annotators", action=b,
                    help="reference + EMA annotators in one mixed-batch no-grad forward (LoRA mode; default off, "
                    "see docs/trainer.md for the measurement)")

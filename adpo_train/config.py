@@ -79,6 +79,7 @@ class TrainConfig:
     attention: str = "sdpa"
     fused_adamw: Optional[bool] = None
     batched_annotators: Optional[bool] = None
+    distributed: str = "ddp"  # several processes: ddp (replicate) or fsdp (shard; adpo_train/fsdp.py)
     # optimisation
     train_batch_size: int = 4
     gradient_accumulation_steps: int = 1

@@ -101,11 +101,13 @@ def add_lora(unet, rank: int, alpha: Optional[float] = None, targets: Sequence[s
     return named
 
 
-def lora_state_dict(unet) -> dict[str, torch.Tensor]:
-    """The adapter weights in peft naming (used inside checkpoints)."""
+def lora_state_dict(unet, state_dict: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """The adapter weights in peft naming (used inside checkpoints); ``state_dict``: the UNet's whole
+    state dict to take them from (under FSDP: gathered by :func:`adpo_train.fsdp.full_state_dict`)."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+    return {k: v.detach().contiguous().cpu()
+            for k, v in get_peft_model_state_dict(unet, state_dict=state_dict).items()}
 
 
 def load_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
@@ -117,7 +119,7 @@ def load_lora_state_dict(unet, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"LoRA checkpoint has unexpected keys, e.g. {unexpected[:3]}")
 
 
-def save_lora_diffusers(unet, out_dir: str) -> str:
+def save_lora_diffusers(unet, out_dir: str, state_dict: Optional[dict] = None) -> str:
     """Write ``pytorch_lora_weights.safetensors`` loadable by ``StableDiffusionPipeline.load_lora_weights``
     (or the SDXL pipeline's), with the adapter's ``lora_alpha``: the loaded LoRA adds
     ``(alpha / r) * B @ A`` to each weight, as in training.
@@ -125,7 +127,7 @@ def save_lora_diffusers(unet, out_dir: str) -> str:
     diffusers reads alpha from the adapter metadata stored in the safetensors header
     (``unet_lora_adapter_metadata``, diffusers >= 0.35).  Where ``save_lora_weights`` has no such
     argument the scale ``alpha / r`` is folded into ``B`` instead, which every loader reads as
-    alpha = r: the same weights either way.
+    alpha = r: the same weights either way.  ``state_dict``: as :func:`lora_state_dict`'s.
     """
     import inspect
 
@@ -134,7 +136,7 @@ def save_lora_diffusers(unet, out_dir: str) -> str:
     from peft.utils import get_peft_model_state_dict
 
     state = {k: v.detach().float().cpu().contiguous()
-             for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)).items()}
+             for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict)).items()}
     config = unet.peft_config["default"]
     kw = {}
     if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionLoraLoaderMixin.save_lora_weights).parameters:

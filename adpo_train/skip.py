@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .fsdp import local
+
 
 def optimizer_step(accel_optimizer, nonfinite: torch.Tensor) -> None:
     """``accel_optimizer.step()`` (an accelerate ``AcceleratedOptimizer``), skipped where ``nonfinite``."""
@@ -45,26 +47,29 @@ def optimizer_step(accel_optimizer, nonfinite: torch.Tensor) -> None:
         finally:
             del raw.found_inf
         return
+    # under FSDP parameters and state are DTensors: their local shards are put back, rank by rank
     params = [p for g in raw.param_groups for p in g["params"] if p.grad is not None]
-    before = [p.detach().clone() for p in params]
-    state_before = [{k: v.clone() for k, v in raw.state[p].items() if torch.is_tensor(v)} for p in params]
+    before = [local(p).clone() for p in params]
+    state_before = [{k: local(v).clone() for k, v in raw.state[p].items() if torch.is_tensor(v)} for p in params]
     accel_optimizer.step()
     with torch.no_grad():
         for p, old, st in zip(params, before, state_before):
-            p.copy_(torch.where(nonfinite, old, p))
+            p_local = local(p)
+            p_local.copy_(torch.where(nonfinite, old, p_local))
             for k, v in raw.state[p].items():
                 if torch.is_tensor(v):
-                    v.copy_(torch.where(nonfinite, st[k] if k in st else torch.zeros_like(v), v))
+                    v_local = local(v)
+                    v_local.copy_(torch.where(nonfinite, st[k] if k in st else torch.zeros_like(v_local), v_local))
 
 
 @torch.no_grad()
 def ema_step(annotators, nonfinite: torch.Tensor) -> None:
     """One EMA update of every annotator (:class:`adpo_train.annotators.Annotators`, either strategy),
     a no-op (bit for bit) where ``nonfinite``."""
+    w = annotators.weights
+    live = w.local()  # this rank's shards under FSDP
     for ema in annotators.emas:
-        # requires_grad marks them trainable for EMAModel (it copies, rather than averages, frozen ones)
-        ema.step([torch.where(nonfinite, s, p.detach()).requires_grad_(p.requires_grad)
-                  for s, p in zip(ema.shadow_params, annotators.params)])
+        ema.step(w.marked([torch.where(nonfinite, s, p) for s, p in zip(ema.shadow_params, live)]))
 
 
 def rewind(skipped: int, lr_scheduler, annotators, num_processes: int = 1) -> None:

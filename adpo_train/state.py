@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import skip
+from . import fsdp, skip
 from .step import StepModels, step_inputs
 
 # Device-side metric buffer: one slot per field, summed over optimisation steps between logs.
@@ -133,10 +133,9 @@ def _update(state: TrainState) -> Optional[torch.Tensor]:
     acc, max_norm, nonfinite = state.accelerator, state.options.max_grad_norm, state.nonfinite
     grad_norm = None
     if max_norm and max_norm > 0:
-        grad_norm = acc.clip_grad_norm_(state.params, max_norm)
-    if acc.num_processes > 1:  # the all-reduced gradients decide, identically on every rank
-        norm = grad_norm if grad_norm is not None else torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(p.grad) for p in state.params if p.grad is not None]))
+        grad_norm = fsdp.full_tensor(acc.clip_grad_norm_(state.params, max_norm))  # FSDP: a replicated DTensor
+    if acc.num_processes > 1:  # the all-reduced (FSDP: reduce-scattered) gradients decide, alike on every rank
+        norm = grad_norm if grad_norm is not None else fsdp.grad_norm(state.params).to(state.device)
         nonfinite |= ~torch.isfinite(norm)
     skip.optimizer_step(state.optimizer, nonfinite)
     state.buf[F["skipped_steps"]] += nonfinite.double()

@@ -44,6 +44,9 @@ from .data import (CachedPairDataset, ImagePairDataset, PairBatchSampler, PickAP
 from .models import (LORA_WEIGHT_NAME, add_lora, build_unet, load_lora_state_dict, load_scheduler, load_unet,
                      load_vae, lora_state_dict, save_lora_diffusers, sd_scheduler, set_attention, text_shape)
 from .errors import Interrupted, RunCutShort, UserError
+
+MEMORY_FILE = "memory_per_rank.json"  # written at the end of a run: bytes each rank holds
+SCHEDULER_FILE = "lr_scheduler.pt"  # --distributed fsdp checkpoints (accelerate's save_state writes its own)
 from .signals import StopRequest
 from .state import F, StepMetrics, StepOptions, TrainState, train_step
 from .step import StepModels, compile_unet
@@ -117,7 +120,10 @@ def _train(args: TrainConfig, stop: StopRequest) -> dict:
     set_seed(args.seed)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    _check_distributed(args, accelerator, log)
     scheduler, unet, reference_unet, named = _build_models(args, device, weight_dtype, log)
+    if args.distributed == "fsdp":
+        unet, reference_unet, named = _shard(args, accelerator, unet, reference_unet)
     data = _build_data(args, accelerator, unet, weight_dtype, log)
     args = args.replace(resolution=data.resolution)  # a latent cache's or the synthetic UNet's
     sampler = PairBatchSampler(len(data.dataset), args.train_batch_size, args.seed, rank=accelerator.process_index,
@@ -297,15 +303,32 @@ def _optimizer(args: TrainConfig, params: list, accelerator, num_training_steps:
     return optimizer, lr_scheduler
 
 
-def _check_distributed(args: TrainConfig, accelerator) -> None:
+# what --distributed fsdp does not combine with, and why
+_FSDP_REFUSED = (
+    ("compile", "--compile: torch.compile of an FSDP2-sharded UNet is not tested here; leave it off"),
+    ("use_8bit_adam", "--use_8bit_adam: bitsandbytes' optimizer does not take sharded (DTensor) parameters"),
+    ("run_validation", "--run_validation: the validation pipeline runs on one process and needs whole weights"),
+)
+
+
+def _check_distributed(args: TrainConfig, accelerator, log) -> None:
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
-        # FSDP shards parameters into DTensors: the in-place EMA swaps, the LoRA/EMA checkpoint files and
-        # the final LoRA export would need gathered (full_tensor) copies on every rank. Not implemented.
-        raise UserError("FSDP is not supported yet (see docs/trainer.md, 'At scale'); use DDP "
-                         "(docs/accelerate/ddp.yaml): it keeps whole parameters on every GPU, which the EMA swaps "
-                         "and the LoRA export rely on")
+        raise UserError("accelerate's FSDP plugin is not how this trainer shards: launch with a multi-GPU "
+                        "config (docs/accelerate/ddp.yaml) or torchrun and pass --distributed fsdp")
+    if args.distributed == "fsdp":
+        if accelerator.num_processes < 2:
+            raise UserError("--distributed fsdp shards over several processes: launch with accelerate launch "
+                            "(docs/accelerate/ddp.yaml) or torchrun --nproc_per_node N, N >= 2")
+        if args.mixed_precision == "fp16":
+            raise UserError("--distributed fsdp with --mixed_precision fp16 is not supported (it needs a sharded "
+                            "gradient scaler): use bf16")
+        for flag, why in _FSDP_REFUSED:
+            if getattr(args, flag):
+                raise UserError(f"--distributed fsdp does not combine with {why}")
+        if args.batched_annotators and not args.full_finetune:
+            log("note: --batched_annotators is not used with --distributed fsdp; EMA shards are swapped in place")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # Tried (deepspeed 0.19.8, CPU): the step fails at once, DeepSpeed's clip_grad_norm_ returns a float
         # and steps the optimiser inside backward, so the on-device skip of a non-finite step cannot work.
@@ -341,10 +364,27 @@ def _load_weights(accelerator, full_finetune: bool, models, input_dir) -> None:
             load_lora_state_dict(m, load_file(os.path.join(input_dir, "lora.safetensors")))
 
 
+def _shard(args: TrainConfig, accelerator, unet, reference_unet):
+    """--distributed fsdp: the UNet (and a full fine-tune's reference) sharded over every process; returns
+    ``(unet, reference, [(name, trained parameter)])`` (the parameters are now DTensors)."""
+    from . import fsdp
+
+    mesh = fsdp.device_mesh(accelerator.device)
+    policy = fsdp.mixed_precision_policy(args.mixed_precision)
+    fsdp.shard_unet(unet, mesh, policy)
+    if reference_unet is not None:
+        fsdp.shard_unet(reference_unet, mesh, policy)
+    return unet, reference_unet, [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+
+
 def _build_annotators(args: TrainConfig, cfg, base_unet, named, log):
     if not (cfg.adaptive and args.ema_decays):
         return None
     names, params = [n for n, _ in named], [p for _, p in named]
+    if args.distributed == "fsdp":
+        from . import fsdp
+
+        return EMAAnnotators(params, names, args.ema_decays, after_swap=functools.partial(fsdp.reshard, base_unet))
     if args.batched_annotators and not args.full_finetune:
         return MixedBatchAnnotators(base_unet, params, names, args.ema_decays)
     if args.batched_annotators:
@@ -357,15 +397,19 @@ def _build_state(args: TrainConfig, accelerator, scheduler, unet, reference_unet
     """Optimiser, compilation, accelerate's prepare and hooks, annotators, generators: the TrainState."""
     params = [p for _, p in named]
     optimizer, lr_scheduler = _optimizer(args, params, accelerator, args.max_train_steps)
-    if accelerator.device.type == "cuda" if args.compile is None else args.compile:
+    sharded = args.distributed == "fsdp"
+    if (accelerator.device.type == "cuda" and not sharded) if args.compile is None else args.compile:
         compile_unet(unet, mode=args.compile_mode)
         if reference_unet is not None:
             compile_unet(reference_unet, mode=args.compile_mode)
-    _check_distributed(args, accelerator)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    base_unet = accelerator.unwrap_model(unet, keep_torch_compile=True)
-    accelerator.register_save_state_pre_hook(functools.partial(_save_weights, accelerator, args.full_finetune))
-    accelerator.register_load_state_pre_hook(functools.partial(_load_weights, accelerator, args.full_finetune))
+    if sharded:  # FSDP2 is applied already (_shard); accelerate wraps the optimizer and schedule only
+        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+        base_unet = unet
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        base_unet = accelerator.unwrap_model(unet, keep_torch_compile=True)
+        accelerator.register_save_state_pre_hook(functools.partial(_save_weights, accelerator, args.full_finetune))
+        accelerator.register_load_state_pre_hook(functools.partial(_load_weights, accelerator, args.full_finetune))
     annotators = _build_annotators(args, args.loss_config, base_unet, named, log)
     device, rank = accelerator.device, accelerator.process_index
     # noise/timesteps: one stream for the global batch on every process (step_inputs takes this rank's
@@ -390,6 +434,7 @@ class _Run:
         self.scheduler, self.state = scheduler, state
         self.main_proc = accelerator.is_main_process
         self.world = accelerator.num_processes
+        self.sharded = args.distributed == "fsdp"
         self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         self.pairs_path = os.path.join(args.output_dir, "pairs.jsonl")
         self.sampler = sampler
@@ -420,9 +465,16 @@ def _resume(run: _Run) -> None:
                 os.remove(path)
         return
     saved = ckpt.read_state(resume)
-    acc.load_state(resume)
-    if st.annotators is not None:
-        st.annotators.load(load_file(os.path.join(resume, "ema.safetensors"), device=_dev(st.device)), saved["ema"])
+    if saved.get("distributed", "ddp") != args.distributed:
+        raise UserError(f"--resume_from_checkpoint: {resume} was written with --distributed "
+                        f"{saved.get('distributed', 'ddp')}; resume it with the same")
+    if run.sharded:
+        _load_sharded(run, resume, saved)
+    else:
+        acc.load_state(resume)
+        if st.annotators is not None:
+            st.annotators.load(load_file(os.path.join(resume, "ema.safetensors"), device=_dev(st.device)),
+                               saved["ema"])
     rng = load_file(os.path.join(resume, f"trainer_rng_{acc.process_index}.safetensors"))
     st.gen.set_state(rng["noise_generator"])
     if "vae_generator" in rng:
@@ -441,6 +493,18 @@ def _resume(run: _Run) -> None:
                 f.writelines(keep)
 
 
+def _load_sharded(run: _Run, path: str, saved: dict) -> None:
+    """Resume --distributed fsdp: each rank reads its shards (DCP), then the schedule and counters."""
+    from . import fsdp
+
+    st, acc = run.state, run.accelerator
+    if st.annotators is not None:
+        st.annotators.weights.load_meta(saved["ema"])
+    fsdp.load(os.path.join(path, fsdp.DCP_FOLDER), st.models.unet, st.optimizer.optimizer, st.annotators)
+    st.lr_scheduler.load_state_dict(torch.load(os.path.join(path, SCHEDULER_FILE), weights_only=True))
+    acc.step = saved["accelerator_step"]
+
+
 def _write_run_config(run: _Run, named) -> None:
     args, cfg, st = run.args, run.state.cfg, run.state
     n_params = sum(p.numel() for _, p in named)
@@ -456,7 +520,7 @@ def _write_run_config(run: _Run, named) -> None:
             f"{len(args.ema_decays)} EMA annotator(s), "
             + ("full fine-tune" if args.full_finetune else f"LoRA r={args.rank}")
             + f" ({n_params:,} params), {run.scheduler.config.prediction_type}, device {st.device}"
-            + (f" x {run.world} processes" if run.world > 1 else ""))
+            + (f" x {run.world} processes" if run.world > 1 else "") + (" (FSDP)" if run.sharded else ""))
 
 
 def flush_pairs(run: _Run) -> None:
@@ -475,13 +539,34 @@ def _write_checkpoint_files(run: _Run, meta: dict, path: str) -> dict:
     from safetensors.torch import save_file
 
     st, acc = run.state, run.accelerator
-    acc.save_state(path, safe_serialization=True)
-    if st.annotators is not None and run.main_proc:  # identical on every rank (whole parameters everywhere)
-        save_file(st.annotators.state_tensors(), os.path.join(path, "ema.safetensors"))
+    if run.sharded:
+        _write_sharded(run, path)
+    else:
+        acc.save_state(path, safe_serialization=True)
+        if st.annotators is not None and run.main_proc:  # identical on every rank (whole parameters everywhere)
+            save_file(st.annotators.state_tensors(), os.path.join(path, "ema.safetensors"))
     save_file({"noise_generator": st.gen.get_state(), "vae_generator": st.vae_gen.get_state(),
                "metrics": st.buf.cpu()},
               os.path.join(path, f"trainer_rng_{acc.process_index}.safetensors"))
     return meta
+
+
+def _write_sharded(run: _Run, path: str) -> None:
+    """--distributed fsdp: every rank's shards of the trained parameters, optimizer state and EMA annotators
+    (DCP), the LR schedule, and (LoRA) the gathered adapter as a loadable LoRA, as in every checkpoint."""
+    from safetensors.torch import save_file
+
+    from . import fsdp
+
+    st, args = run.state, run.args
+    fsdp.save(os.path.join(path, fsdp.DCP_FOLDER), st.models.unet, st.optimizer.optimizer, st.annotators)
+    if run.main_proc:
+        torch.save(st.lr_scheduler.state_dict(), os.path.join(path, SCHEDULER_FILE))
+    if not args.full_finetune:  # the adapter is small: gathered on the main process, one tensor at a time
+        full = fsdp.full_state_dict(st.models.unet, run.main_proc, trainable_only=True)
+        if run.main_proc:
+            save_file(lora_state_dict(st.models.base, full), os.path.join(path, "lora.safetensors"))
+            save_lora_diffusers(st.models.base, path, full)
 
 
 def write_checkpoint(run: _Run) -> str:
@@ -492,6 +577,7 @@ def write_checkpoint(run: _Run) -> str:
     meta = {"global_step": step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch,
             "num_corrupt_seen": st.num_corrupt_seen, "steps_since_log": st.steps_since_log,
             "skipped_steps_total": st.skipped_total, "world_size": acc.num_processes,
+            "distributed": args.distributed, "accelerator_step": acc.step,
             "ema": st.annotators.state_meta() if st.annotators is not None else None}
     write = functools.partial(_write_checkpoint_files, run, meta)
     acc.wait_for_everyone()
@@ -509,6 +595,13 @@ def write_checkpoint(run: _Run) -> str:
     return path
 
 
+def _end(accelerator) -> None:
+    """Close the trackers and the process group, once every rank is here (a rank that tears the group
+    down while another still talks to it aborts the other, under gloo)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 def _interrupted(run: _Run, signum: int) -> Interrupted:
     """Checkpoint (unless this step already has one) and end the run after a signal."""
     step = run.state.global_step
@@ -518,7 +611,7 @@ def _interrupted(run: _Run, signum: int) -> Interrupted:
         path = write_checkpoint(run)
     if run.progress is not None:
         run.progress.close()
-    run.accelerator.end_training()
+    _end(run.accelerator)
     hint = ("Resume with the same command plus --resume_from_checkpoint latest." if path else
             "Nothing to resume: run again with --overwrite_output_dir.")
     return Interrupted(signum, step, path, hint)
@@ -587,7 +680,7 @@ def _after_step(run: _Run, metrics: StepMetrics) -> Optional[dict]:
         run.progress.close()
     run.log(f"stopped after {st.global_step} steps (--stop_after_steps); resume with "
             f"--resume_from_checkpoint latest")
-    acc.end_training()
+    _end(acc)
     return {"global_step": st.global_step, "stopped": True, "output_dir": args.output_dir}
 
 
@@ -630,24 +723,19 @@ def _log_metrics(run: _Run, ready: bool) -> None:
 
 
 def _finish(run: _Run, t_start: float) -> dict:
-    """Write the final weights, the EMA annotators and the plot; report where they are."""
-    from safetensors.torch import save_file
-
+    """Write the final weights, the EMA annotators, the per-rank memory and the plot; report where they are."""
     args, st, acc = run.args, run.state, run.accelerator
     acc.wait_for_everyone()
     result = {"global_step": st.global_step, "output_dir": args.output_dir, "stopped": False,
               "metrics": run.metrics_path,
               "lora": None if args.full_finetune else os.path.join(args.output_dir, LORA_WEIGHT_NAME)}
+    if args.full_finetune:
+        result["unet"] = os.path.join(args.output_dir, "unet")
+    _export(run, result)
+    memory = _rank_memory(run)
     if run.main_proc:
-        if args.full_finetune:
-            acc.unwrap_model(st.models.unet).save_pretrained(os.path.join(args.output_dir, "unet"),
-                                                             safe_serialization=True)
-            result["unet"] = os.path.join(args.output_dir, "unet")
-        else:
-            save_lora_diffusers(st.models.base, args.output_dir)
-        if st.annotators is not None:
-            save_file(st.annotators.state_tensors(), os.path.join(args.output_dir, "ema_annotators.safetensors"),
-                      metadata={"decays": json.dumps(st.annotators.decays)})
+        with open(os.path.join(args.output_dir, MEMORY_FILE), "w") as f:
+            json.dump(memory, f, indent=1)
         plot = None
         if not args.no_plot:
             from .plot import plot_metrics
@@ -655,12 +743,48 @@ def _finish(run: _Run, t_start: float) -> dict:
             plot = plot_metrics(run.metrics_path, os.path.join(args.output_dir, "training_curves.png"))
         result["plot"] = plot
         _report(run, result, t_start)
-    acc.end_training()
+    _end(acc)
     if st.global_step < args.max_train_steps:
         raise RunCutShort(f"the run ended at step {st.global_step} of --max_train_steps {args.max_train_steps}: "
                           f"the data ran out ({st.num_corrupt_seen} corrupt pairs dropped, {st.skipped_total} "
                           f"non-finite steps skipped); outputs are written. Use more data or fewer steps.")
     return result
+
+
+def _export(run: _Run, result: dict) -> None:
+    """The trained UNet (diffusers folder) or LoRA (diffusers file) and the EMA annotators, written by the
+    main process; under FSDP gathered onto its CPU first, one tensor at a time (every rank takes part)."""
+    from safetensors.torch import save_file
+
+    from . import fsdp
+
+    args, st, acc, main = run.args, run.state, run.accelerator, run.main_proc
+    full = fsdp.full_state_dict(st.models.unet, main, not args.full_finetune) if run.sharded else None
+    if main and args.full_finetune and run.sharded:
+        st.models.base.save_config(result["unet"])
+        save_file(full, os.path.join(result["unet"], "diffusion_pytorch_model.safetensors"))
+    elif main and args.full_finetune:
+        acc.unwrap_model(st.models.unet).save_pretrained(result["unet"], safe_serialization=True)
+    elif main:
+        save_lora_diffusers(st.models.base, args.output_dir, full)
+    del full
+    if st.annotators is None:
+        return
+    ema = (fsdp.gather_to_rank0(fsdp.ema_state(st.annotators), main) if run.sharded
+           else st.annotators.state_tensors())
+    if main:
+        save_file(ema, os.path.join(args.output_dir, "ema_annotators.safetensors"),
+                  metadata={"decays": json.dumps(st.annotators.decays)})
+
+
+def _rank_memory(run: _Run) -> dict:
+    """Bytes each rank holds of parameters, optimizer state and EMA shadows (tensor sizes, counted)."""
+    from . import fsdp
+
+    st = run.state
+    mine = fsdp.rank_memory(st.models.unet, st.models.reference_unet, st.optimizer, st.annotators)
+    return {"distributed": run.args.distributed if run.world > 1 else "none", "world_size": run.world,
+            "ranks": fsdp.all_ranks(mine, run.world)}
 
 
 def _report(run: _Run, result: dict, t_start: float) -> None:

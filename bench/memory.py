@@ -17,8 +17,14 @@ everything) or ``P`` (FSDP: every tensor sharded over the P GPUs), the bytes per
 (LoRA: the base UNet is cast to ``w``; its LoRA weights are the T in fp32.)  Not counted:
 activations, DDP's gradient buckets (another 4T per GPU unless ``gradient_as_bucket_view``),
 AdamW's per-tensor step counters, the VAE/text encoders (cached latents need neither),
-allocator slack.  The DDP numbers are what runs today; the FSDP rows are COMPUTED ONLY:
-the trainer refuses FSDP until issue 16 is built.
+allocator slack.
+
+``source=measured`` FSDP rows (``--measure``, the tiny configs, fp32, P = 2): the trainer itself
+under ``torchrun --nproc_per_node 2 ... --distributed fsdp`` for one step; each rank counts the
+bytes of its shards (``memory_per_rank.json``, :func:`adpo_train.fsdp.rank_memory`): trained
+parameters, AdamW's moments, the frozen weights, the EMA copies and the swap backup.  Gradients
+are freed after every step, so they are not there to count: they are taken as the trained
+parameters' bytes (the same shards, the same dtype).  They must equal the computed rows.
 
 ``source=measured`` rows (``--measure``, the tiny configs, fp32): the trainer's own model
 building (``adpo_train.trainer._build_models``), an AdamW step and the EMA annotators in
@@ -141,6 +147,34 @@ def measure(spec: str, full_finetune: bool, rank: int, annotators: int) -> dict[
             "total_bytes": trainable + frozen + ema_b}
 
 
+def measure_sharded(spec: str, full_finetune: bool, rank: int, annotators: int, processes: int = 2) -> dict:
+    """Bytes on rank 0 of the trainer under ``--distributed fsdp`` with ``processes`` CPU processes (gloo),
+    after one step of ``spec`` in fp32 (see the module docstring)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="adpo-bench-memory-") as out:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "adpo_train", "--unet_config", spec, "--synthetic_pairs", str(2 * processes),
+               "--train_batch_size", "1", "--max_train_steps", "1", "--distributed", "fsdp", "--rank", str(rank),
+               "--ema_decays", *["0.5"] * annotators, "--ema_warmup_steps", "0", "--output_dir", out, "--quiet",
+               "--no_plot", "--report_to", "jsonl", "--checkpointing_steps", "100"] + (
+                   ["--full_finetune"] if full_finetune else [])
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the FSDP measurement run failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+        with open(os.path.join(out, "memory_per_rank.json")) as f:
+            m = json.load(f)["ranks"][0]
+    trainable = 2 * m["trained_param_bytes"] + m["optimizer_state_bytes"]  # + gradients (see docstring)
+    out = {"trainable_bytes": trainable, "frozen_bytes": m["frozen_param_bytes"], "ema_bytes": m["ema_bytes"]}
+    out["total_bytes"] = sum(out.values())
+    return out
+
+
 def markdown(rows: list[dict], unit: str = "GiB") -> str:
     """The table of docs/trainer.md: ``unit`` (GiB or bytes) per GPU, one line per (model, mode, strategy, P)."""
     head = (f"| UNet | training | strategy | GPUs | params + grads + AdamW | frozen | EMA annotators | total "
@@ -160,7 +194,7 @@ def markdown(rows: list[dict], unit: str = "GiB") -> str:
 def run(args, env, log) -> list[dict]:
     rows = computed_rows(args.models, args.rank, args.processes, args.mixed_precision, args.annotators)
     log(f"GiB per GPU, --mixed_precision {args.mixed_precision}, {args.annotators} EMA annotators, before "
-        f"activations (FSDP rows: computed only, FSDP is not implemented)\n" + markdown(rows))
+        f"activations\n" + markdown(rows))
     if args.measure:
         tiny = []
         for spec in ("tiny",):
@@ -170,6 +204,10 @@ def run(args, env, log) -> list[dict]:
                 calc = bytes_per_gpu(n, trained, mode == "full", 1, 4, args.annotators)
                 tiny.append(_row(spec, mode, args.rank, "ddp", 1, "no", "computed", n, trained, calc))
                 tiny.append(_row(spec, mode, args.rank, "ddp", 1, "no", "measured", n, trained, b))
+                b = measure_sharded(spec, mode == "full", args.rank, args.annotators, 2)
+                calc = bytes_per_gpu(n, trained, mode == "full", 2, 4, args.annotators)
+                tiny.append(_row(spec, mode, args.rank, "fsdp", 2, "no", "computed", n, trained, calc))
+                tiny.append(_row(spec, mode, args.rank, "fsdp", 2, "no", "measured", n, trained, b))
         log("\nbytes per GPU, the tiny config in fp32: the formula vs the tensors the trainer builds\n"
             + markdown(tiny, unit="bytes"))
         rows += tiny

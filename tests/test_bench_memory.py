@@ -61,5 +61,8 @@ def test_command_writes_rows(tmp_path):
     assert ("full", "fsdp", "2", "computed") in got and ("full", "ddp", "1", "measured") in got
     by = {(r["mode"], r["strategy"], r["source"]): int(r["total_bytes"]) for r in rows}
     assert by["full", "ddp", "measured"] == by["full", "ddp", "computed"]
+    # the trainer under --distributed fsdp (2 processes): each rank's shards, counted, equal the formula
+    for mode in ("lora", "full"):
+        assert by[mode, "fsdp", "measured"] == by[mode, "fsdp", "computed"], mode
     half = by["full", "ddp", "computed"] / 2  # 2 shards: half of DDP, each of the 3 groups rounded up
     assert half <= by["full", "fsdp", "computed"] <= half + 3

@@ -1,5 +1,7 @@
-"""Issue 6: two processes (accelerate DDP over gloo, torchrun) with B pairs each give the same
-loss, instance weights and LoRA gradients as one process with 2B pairs (sync_stats on).
+"""Two processes (torchrun, gloo; DDP through accelerate, or FSDP2 with --distributed fsdp) with B
+pairs each give the same loss, instance weights, metric and (gathered) gradients as one process with
+2B pairs (sync_stats on); under FSDP also the same gathered parameters after an AdamW step, for LoRA
+and for a full fine-tune.
 
 The two sides compute in different orders (batches of 3 vs 6 rows: oneDNN picks kernels by
 batch size and CPU), so float32 results differ by float32 rounding, whose size depends on
@@ -25,8 +27,8 @@ EPS32, EPS64 = torch.finfo(F32).eps, torch.finfo(F64).eps
 
 def _flat(res, what):
     """One float64 vector of a result's ``what`` (``grads``: every LoRA gradient, concatenated)."""
-    if what == "grads":
-        return torch.cat([g.double().flatten() for _, g in sorted(res["grads"].items())])
+    if what in ("grads", "params"):
+        return torch.cat([g.double().flatten() for _, g in sorted(res[what].items())])
     return res[what].double().flatten()
 
 
@@ -45,14 +47,14 @@ def assert_same_computation(a, b, what, msg):
             assert x <= 4 * y + 16 * EPS32 * scale, f"{msg}: float32 {what} of the {name} side {x:.3g} vs {y:.3g}"
 
 
-def test_two_process_ddp_matches_one_process_with_twice_the_pairs(tmp_path):
+def test_two_process_ddp_and_fsdp_match_one_process_with_twice_the_pairs(tmp_path):
     require_trainer_packages()
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "tests.train_scale_dist_worker", str(tmp_path), str(B)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    from tests.train_scale_dist_worker import DTYPES, VARIANTS, run
+    from tests.train_scale_dist_worker import DTYPES, SAME_AS, VARIANTS, run
 
     single = run(str(tmp_path), 2 * B)
     ranks = [torch.load(tmp_path / f"rank{r}-of-2.pt", weights_only=False) for r in range(2)]
@@ -70,6 +72,19 @@ def test_two_process_ddp_matches_one_process_with_twice_the_pairs(tmp_path):
         assert not torch.allclose(want[F64]["weights"], torch.ones_like(want[F64]["weights"])), "annotators had no effect"
         for r in range(2):  # every rank holds the all-reduced gradient
             assert_same_computation({d: got[d][r] for d in DTYPES}, want, "grads", f"{variant}: rank {r} vs 1 process")
+    # FSDP (LoRA; full fine-tune with a sharded reference): the same loss, metric, weights, gathered gradients
+    # and gathered parameters after one AdamW step as one process with both shares
+    for variant, same_as in SAME_AS.items():
+        want = {d: single[same_as, d] for d in DTYPES}
+        got = {d: [r["results"][variant, d] for r in ranks] for d in DTYPES}
+        fsdp = {d: {"loss": (got[d][0]["loss"] + got[d][1]["loss"]) / 2,
+                    **{f: torch.cat([g[f] for g in got[d]]) for f in ("weights", "metric")}} for d in DTYPES}
+        for f in ("loss", "weights", "metric"):
+            assert_same_computation(fsdp, want, f, f"{variant}: 2 processes vs 1")
+        assert not torch.allclose(want[F64]["weights"], torch.ones_like(want[F64]["weights"])), "annotators had no effect"
+        for r in range(2):
+            for f in ("grads", "params"):
+                assert_same_computation({d: got[d][r] for d in DTYPES}, want, f, f"{variant}: rank {r} vs 1 process")
     # the mixed-batch annotators give what the swapped-weight annotators give
     for f in ("loss", "weights", "metric", "grads"):
         assert_same_computation({d: single["mixed", d] for d in DTYPES}, {d: single["swap", d] for d in DTYPES}, f,
