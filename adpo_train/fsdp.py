@@ -19,8 +19,9 @@ not handed to ``accelerator.prepare``):
 * :func:`save` / :func:`load`: the trained parameters, the optimizer state and the EMA shards
   through ``torch.distributed.checkpoint`` (DCP: each rank writes its shards; the folder
   can be read back by another world size);
-* :func:`full_state_dict` and :func:`gather_to_rank0`: the final export, gathered on rank 0
-  only (CPU), one parameter at a time: no rank ever holds more than one full copy.
+* :func:`save_gathered`: the final export (a full fine-tune's UNet, the EMA annotators) written
+  as one safetensors file by rank 0 while the tensors are gathered one at a time: no rank ever
+  holds a whole copy of the model; :func:`full_state_dict` gathers a LoRA (small) on rank 0.
 """
 from __future__ import annotations
 
@@ -119,16 +120,44 @@ def as_dtensor(shard: torch.Tensor, like) -> torch.Tensor:
                               run_check=False)
 
 
-def gather_to_rank0(tensors: dict, is_main: bool) -> dict:
-    """``{name: whole tensor on the CPU}`` on the main process (``{}`` elsewhere), gathered one tensor at
-    a time (collective: every rank calls it with the same names, in the same order)."""
-    out = {}
+# safetensors' names of the dtypes a UNet, its EMA copies or a LoRA hold
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def save_gathered(path: str, tensors: dict, is_main: bool, metadata: Optional[dict] = None) -> None:
+    """Write ``tensors`` (DTensor shards or whole tensors) as ONE safetensors file on the main process,
+    gathering one tensor at a time: the header is made from the global shapes first, then each tensor
+    is gathered (collective: every rank calls this with the same dict) and its bytes appended, so no
+    rank ever holds more than one whole tensor of the set, in host or device memory."""
+    import json
+    import struct
+
+    header, offset = {}, 0
     for name, t in tensors.items():
-        whole = full_tensor(t)
-        if is_main:
-            out[name] = whole.detach().cpu().contiguous()
-        del whole
-    return out
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    f = open(path + ".part", "wb") if is_main else None
+    try:
+        if f is not None:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            whole = full_tensor(t.detach())
+            if f is not None:
+                f.write(whole.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            del whole
+    finally:
+        if f is not None:
+            f.close()
+    if is_main:
+        import os
+
+        os.replace(path + ".part", path)
 
 
 def full_state_dict(unet: torch.nn.Module, is_main: bool, trainable_only: bool) -> dict:

@@ -753,28 +753,31 @@ def _finish(run: _Run, t_start: float) -> dict:
 
 def _export(run: _Run, result: dict) -> None:
     """The trained UNet (diffusers folder) or LoRA (diffusers file) and the EMA annotators, written by the
-    main process; under FSDP gathered onto its CPU first, one tensor at a time (every rank takes part)."""
+    main process; under FSDP gathered one tensor at a time (every rank takes part, no rank holds more
+    than one whole tensor beyond the small LoRA)."""
     from safetensors.torch import save_file
 
     from . import fsdp
 
     args, st, acc, main = run.args, run.state, run.accelerator, run.main_proc
-    full = fsdp.full_state_dict(st.models.unet, main, not args.full_finetune) if run.sharded else None
-    if main and args.full_finetune and run.sharded:
-        st.models.base.save_config(result["unet"])
-        save_file(full, os.path.join(result["unet"], "diffusion_pytorch_model.safetensors"))
-    elif main and args.full_finetune:
+    if args.full_finetune and run.sharded:
+        if main:
+            st.models.base.save_config(result["unet"])
+        fsdp.save_gathered(os.path.join(result["unet"], "diffusion_pytorch_model.safetensors"),
+                           st.models.unet.state_dict(), main, {"format": "pt"})
+    elif args.full_finetune and main:
         acc.unwrap_model(st.models.unet).save_pretrained(result["unet"], safe_serialization=True)
-    elif main:
-        save_lora_diffusers(st.models.base, args.output_dir, full)
-    del full
+    elif not args.full_finetune:
+        full = fsdp.full_state_dict(st.models.unet, main, trainable_only=True) if run.sharded else None
+        if main:
+            save_lora_diffusers(st.models.base, args.output_dir, full)
     if st.annotators is None:
         return
-    ema = (fsdp.gather_to_rank0(fsdp.ema_state(st.annotators), main) if run.sharded
-           else st.annotators.state_tensors())
-    if main:
-        save_file(ema, os.path.join(args.output_dir, "ema_annotators.safetensors"),
-                  metadata={"decays": json.dumps(st.annotators.decays)})
+    path, meta = os.path.join(args.output_dir, "ema_annotators.safetensors"), {"decays": json.dumps(st.annotators.decays)}
+    if run.sharded:
+        fsdp.save_gathered(path, fsdp.ema_state(st.annotators), main, meta)
+    elif main:
+        save_file(st.annotators.state_tensors(), path, metadata=meta)
 
 
 def _rank_memory(run: _Run) -> dict:

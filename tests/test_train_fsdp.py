@@ -187,3 +187,27 @@ def test_fsdp_trains_in_bf16(tmp_path, mode):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [2, 4] and rows[-1]["annotators_ready"]
     assert all(np.isfinite(r["loss"]) and r["skipped_steps"] == 0 for r in rows)
+
+
+def test_streamed_safetensors_file_reads_back_exactly(tmp_path):
+    """adpo_train.fsdp.save_gathered writes the safetensors format itself (header first, then one tensor
+    at a time): safetensors reads it back bit for bit, every dtype a UNet export holds, odd sizes too."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from adpo_train.fsdp import save_gathered
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(3, 5, generator=g), "b.half": torch.randn(7, generator=g).half(),
+               "c.bf16": torch.randn(2, 3, 1, generator=g).bfloat16(), "d.double": torch.randn(1, generator=g).double(),
+               "e.steps": torch.arange(3), "f.empty": torch.zeros(0, 4)}
+    path = str(tmp_path / "x.safetensors")
+    save_gathered(path, tensors, True, {"decays": "[0.5]"})
+    back = load_file(path)
+    assert back.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"decays": "[0.5]"}
+    save_gathered(str(tmp_path / "y.safetensors"), tensors, False)  # another rank writes nothing
+    assert not (tmp_path / "y.safetensors").exists()
