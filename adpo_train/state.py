@@ -46,8 +46,8 @@ class StepOptions:
 
 @dataclasses.dataclass
 class TrainState:
-    """Everything one step reads or changes.  The counters and generators are what a checkpoint saves
-    besides accelerate's own state (see ``adpo_train.trainer.write_checkpoint``)."""
+    """Everything one step reads or changes.  A checkpoint holds it through :meth:`state_dict` (registered
+    with accelerate's checkpointing) and :meth:`rank_state` (one file per rank)."""
 
     accelerator: Any
     models: StepModels
@@ -83,6 +83,52 @@ class TrainState:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    # What every rank holds alike is this object's state_dict, registered with accelerate's checkpointing
+    # (``accelerator.register_for_checkpointing``: saved by the main process with save_state, restored by
+    # load_state); what differs per rank is rank_state (a file per rank, written by the trainer).
+    COUNTERS = ("global_step", "epoch", "batch_in_epoch", "skipped_total", "steps_since_log")
+
+    def state_dict(self) -> dict:
+        """The step and data position, the noise generator (one stream, alike on every rank) and the EMA
+        annotators (their step counts; their weights too unless they are FSDP shards, which DCP saves)."""
+        out = {k: getattr(self, k) for k in self.COUNTERS}
+        out["noise_generator"] = self.gen.get_state()
+        if self.annotators is not None:
+            out["ema_meta"] = self.annotators.state_meta()
+            if not self.sharded_annotators:
+                out["ema"] = self.annotators.state_tensors()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self.COUNTERS:
+            setattr(self, k, int(state[k]))
+        self.gen.set_state(state["noise_generator"])
+        if self.annotators is not None:
+            if "ema" in state:
+                self.annotators.load({k: v.to(self.device) for k, v in state["ema"].items()}, state["ema_meta"])
+            else:
+                self.annotators.weights.load_meta(state["ema_meta"])
+
+    @property
+    def sharded_annotators(self) -> bool:
+        from .fsdp import is_dtensor
+
+        return self.annotators is not None and any(is_dtensor(p) for p in self.annotators.params)
+
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        """This rank's own part: the VAE's sampling generator, the metric buffer, the corrupt pairs seen."""
+        out = {"metrics": self.buf.cpu(), "num_corrupt_seen": torch.tensor(self.num_corrupt_seen)}
+        if self.vae_gen is not None:
+            out["vae_generator"] = self.vae_gen.get_state()
+        return out
+
+    def load_rank_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.buf.copy_(state["metrics"])
+        self.num_corrupt_seen = int(state["num_corrupt_seen"])
+        if "vae_generator" in state and self.vae_gen is not None:
+            self.vae_gen.set_state(state["vae_generator"])
 
 
 @dataclasses.dataclass

@@ -46,7 +46,8 @@ from .models import (LORA_WEIGHT_NAME, add_lora, build_unet, load_lora_state_dic
 from .errors import Interrupted, RunCutShort, UserError
 
 MEMORY_FILE = "memory_per_rank.json"  # written at the end of a run: bytes each rank holds
-SCHEDULER_FILE = "lr_scheduler.pt"  # --distributed fsdp checkpoints (accelerate's save_state writes its own)
+SCHEDULER_FILE = "lr_scheduler.pt"
+TRAIN_STATE_FILE = "custom_checkpoint_0.pkl"  # the TrainState, written by accelerate's checkpointing  # --distributed fsdp checkpoints (accelerate's save_state writes its own)
 from .signals import StopRequest
 from .state import F, StepMetrics, StepOptions, TrainState, train_step
 from .step import StepModels, compile_unet
@@ -419,10 +420,13 @@ def _build_state(args: TrainConfig, accelerator, scheduler, unet, reference_unet
     options = StepOptions(ema_warmup_steps=args.ema_warmup_steps, loss_backend=args.loss_backend,
                           max_grad_norm=args.max_grad_norm, dump_pairs=bool(args.dump_pairs),
                           channels_last=bool(args.channels_last), vae_chunk=args.vae_encode_batch_size)
-    return TrainState(accelerator=accelerator, models=StepModels(unet, base_unet, reference_unet, annotators),
-                      optimizer=optimizer, lr_scheduler=lr_scheduler, params=params, noise_scheduler=scheduler,
-                      cfg=args.loss_config, gen=gen, weight_dtype=weight_dtype, options=options,
-                      annotators=annotators, vae_gen=vae_gen, text_encoder=data.text_encoder, vae=data.vae)
+    state = TrainState(accelerator=accelerator, models=StepModels(unet, base_unet, reference_unet, annotators),
+                       optimizer=optimizer, lr_scheduler=lr_scheduler, params=params, noise_scheduler=scheduler,
+                       cfg=args.loss_config, gen=gen, weight_dtype=weight_dtype, options=options,
+                       annotators=annotators, vae_gen=vae_gen, text_encoder=data.text_encoder, vae=data.vae)
+    if not sharded:  # save_state/load_state hold it (under FSDP the trainer saves it the same way, by hand)
+        accelerator.register_for_checkpointing(state)
+    return state
 
 
 class _Run:
@@ -468,22 +472,14 @@ def _resume(run: _Run) -> None:
     if saved.get("distributed", "ddp") != args.distributed:
         raise UserError(f"--resume_from_checkpoint: {resume} was written with --distributed "
                         f"{saved.get('distributed', 'ddp')}; resume it with the same")
+    if not os.path.isfile(os.path.join(resume, TRAIN_STATE_FILE)):
+        raise UserError(f"--resume_from_checkpoint: {resume} was written by an older adpo-train (no "
+                        f"{TRAIN_STATE_FILE}); resume it with the version that wrote it")
     if run.sharded:
         _load_sharded(run, resume, saved)
     else:
-        acc.load_state(resume)
-        if st.annotators is not None:
-            st.annotators.load(load_file(os.path.join(resume, "ema.safetensors"), device=_dev(st.device)),
-                               saved["ema"])
-    rng = load_file(os.path.join(resume, f"trainer_rng_{acc.process_index}.safetensors"))
-    st.gen.set_state(rng["noise_generator"])
-    if "vae_generator" in rng:
-        st.vae_gen.set_state(rng["vae_generator"])
-    st.buf.copy_(rng["metrics"])
-    st.global_step, st.epoch, st.batch_in_epoch = saved["global_step"], saved["epoch"], saved["batch_in_epoch"]
-    st.num_corrupt_seen = saved.get("num_corrupt_seen", 0)
-    st.skipped_total = saved.get("skipped_steps_total", 0)
-    st.steps_since_log = saved.get("steps_since_log", 0)
+        acc.load_state(resume)  # the TrainState too (registered for checkpointing)
+    st.load_rank_state(load_file(os.path.join(resume, f"trainer_rng_{acc.process_index}.safetensors")))
     run.log(f"resumed from {resume} at step {st.global_step} (epoch {st.epoch}, batch {st.batch_in_epoch})")
     for path in (run.metrics_path, run.pairs_path):
         if run.main_proc and os.path.isfile(path):
@@ -497,9 +493,10 @@ def _load_sharded(run: _Run, path: str, saved: dict) -> None:
     """Resume --distributed fsdp: each rank reads its shards (DCP), then the schedule and counters."""
     from . import fsdp
 
+    from accelerate.checkpointing import load_custom_state
+
     st, acc = run.state, run.accelerator
-    if st.annotators is not None:
-        st.annotators.weights.load_meta(saved["ema"])
+    load_custom_state(st, path, 0)  # the TrainState, as accelerate's load_state would (EMA step counts first)
     fsdp.load(os.path.join(path, fsdp.DCP_FOLDER), st.models.unet, st.optimizer.optimizer, st.annotators)
     st.lr_scheduler.load_state_dict(torch.load(os.path.join(path, SCHEDULER_FILE), weights_only=True))
     acc.step = saved["accelerator_step"]
@@ -542,23 +539,21 @@ def _write_checkpoint_files(run: _Run, meta: dict, path: str) -> dict:
     if run.sharded:
         _write_sharded(run, path)
     else:
-        acc.save_state(path, safe_serialization=True)
-        if st.annotators is not None and run.main_proc:  # identical on every rank (whole parameters everywhere)
-            save_file(st.annotators.state_tensors(), os.path.join(path, "ema.safetensors"))
-    save_file({"noise_generator": st.gen.get_state(), "vae_generator": st.vae_gen.get_state(),
-               "metrics": st.buf.cpu()},
-              os.path.join(path, f"trainer_rng_{acc.process_index}.safetensors"))
+        acc.save_state(path, safe_serialization=True)  # the TrainState too (registered for checkpointing)
+    save_file(st.rank_state(), os.path.join(path, f"trainer_rng_{acc.process_index}.safetensors"))
     return meta
 
 
 def _write_sharded(run: _Run, path: str) -> None:
     """--distributed fsdp: every rank's shards of the trained parameters, optimizer state and EMA annotators
     (DCP), the LR schedule, and (LoRA) the gathered adapter as a loadable LoRA, as in every checkpoint."""
+    from accelerate.checkpointing import save_custom_state
     from safetensors.torch import save_file
 
     from . import fsdp
 
     st, args = run.state, run.args
+    save_custom_state(st, path, 0)  # the main process writes the TrainState, as accelerate's save_state would
     fsdp.save(os.path.join(path, fsdp.DCP_FOLDER), st.models.unet, st.optimizer.optimizer, st.annotators)
     if run.main_proc:
         torch.save(st.lr_scheduler.state_dict(), os.path.join(path, SCHEDULER_FILE))

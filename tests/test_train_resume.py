@@ -55,12 +55,12 @@ def test_crash_between_checkpoint_files_is_never_latest(tmp_path, monkeypatch):
     a = toy_assets()
     out = tmp_path / "run"
     real_save = st.save_file
-    calls = {"ema": 0}
+    calls = {"rank": 0}
 
     def flaky_save(tensors, path, *args, **kw):
-        if os.path.basename(path) == "ema.safetensors":
-            calls["ema"] += 1
-            if calls["ema"] == 2:  # the second checkpoint dies after accelerate's files, before ours
+        if os.path.basename(path) == "trainer_rng_0.safetensors":
+            calls["rank"] += 1
+            if calls["rank"] == 2:  # the second checkpoint dies after accelerate's files, before the rank's own
                 raise RuntimeError("simulated crash")
         return real_save(tensors, path, *args, **kw)
 
