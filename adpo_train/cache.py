@@ -132,12 +132,12 @@ class _Shards:
             acc.clear()
 
 
-def check_cache_fits(args, meta: dict, dataset, unet, log=print) -> None:
+def check_cache_fits(config, meta: dict, dataset, unet, log=print) -> None:
     """Training from a cache: it must come from the run's VAE and text encoder(s) (the fingerprint in
     ``index.json``; ``--allow_cache_model_mismatch`` lets a mismatch through with a warning) and its
     shapes must fit the UNet (always)."""
-    _check_model(args, meta, log)
-    _check_shapes(args.latent_cache, dataset, unet)
+    _check_model(config, meta, log)
+    _check_shapes(config.latent_cache, dataset, unet)
 
 
 def _check_shapes(path: str, dataset, unet) -> None:
@@ -153,18 +153,18 @@ def _check_shapes(path: str, dataset, unet) -> None:
                         f"the UNet takes {want[0]} channels and text width {want[1]}: a cache of another model")
 
 
-def _check_model(args, meta: dict, log) -> None:
+def _check_model(config, meta: dict, log) -> None:
     """A latent cache only fits the VAE and text encoder(s) it was built with."""
     from .models import encoder_fingerprint
 
-    if not args.pretrained_model_name_or_path:
+    if not config.pretrained_model_name_or_path:
         return
-    want = encoder_fingerprint(args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path)
+    want = encoder_fingerprint(config.pretrained_model_name_or_path, config.pretrained_vae_model_name_or_path)
     have = meta.get("model_fingerprint")
     if have is None or have == want:
         return
-    msg = (f"--latent_cache {args.latent_cache!r} was built with {meta.get('model')!r}, whose VAE/text encoder "
-           f"differ from --pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}")
-    if not args.allow_cache_model_mismatch:
+    msg = (f"--latent_cache {config.latent_cache!r} was built with {meta.get('model')!r}, whose VAE/text encoder "
+           f"differ from --pretrained_model_name_or_path {config.pretrained_model_name_or_path!r}")
+    if not config.allow_cache_model_mismatch:
         raise UserError(msg + "; rebuild the cache, or pass --allow_cache_model_mismatch")
     log("warning: " + msg)

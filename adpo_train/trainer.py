@@ -52,31 +52,31 @@ from .signals import StopRequest
 from .state import F, StepMetrics, StepOptions, TrainState, train_step
 from .step import StepModels, compile_unet
 
-def _prepare_toy(args: TrainConfig, log) -> TrainConfig:
+def _prepare_toy(config: TrainConfig, log) -> TrainConfig:
     """Materialise the toy model, dataset and latent cache under OUTPUT_DIR/toy (reused when present);
     returns the config that trains from them."""
     from . import toy
     from .cache import build_cache
 
-    root = os.path.join(args.output_dir, "toy")
-    pt = args.prediction_type or "epsilon"
+    root = os.path.join(config.output_dir, "toy")
+    pt = config.prediction_type or "epsilon"
     model = toy.write_toy_model(os.path.join(root, f"model-{pt}"), prediction_type=pt, log=log)
-    data = os.path.join(root, "data", f"pick_a_pic_toy_{args.toy_pairs}.parquet")
+    data = os.path.join(root, "data", f"pick_a_pic_toy_{config.toy_pairs}.parquet")
     if not os.path.isfile(data):
-        toy.write_toy_dataset(data, args.toy_pairs)
-    cache = os.path.join(root, f"cache-{pt}-{args.toy_pairs}-flip{args.inject_label_noise}-seed{args.flip_seed}")
+        toy.write_toy_dataset(data, config.toy_pairs)
+    cache = os.path.join(root, f"cache-{pt}-{config.toy_pairs}-flip{config.inject_label_noise}-seed{config.flip_seed}")
     if not os.path.isfile(os.path.join(cache, "index.json")):
-        build_cache(model, data, cache, resolution=toy.RESOLUTION, batch_size=64, flip_ratio=args.inject_label_noise,
-                    flip_seed=args.flip_seed, max_pairs=args.max_train_samples, seed=args.seed, device="cpu", log=log)
-    return args.replace(pretrained_model_name_or_path=model, dataset_name=data, latent_cache=cache,
+        build_cache(model, data, cache, resolution=toy.RESOLUTION, batch_size=64, flip_ratio=config.inject_label_noise,
+                    flip_seed=config.flip_seed, max_pairs=config.max_train_samples, seed=config.seed, device="cpu", log=log)
+    return config.replace(pretrained_model_name_or_path=model, dataset_name=data, latent_cache=cache,
                         resolution=toy.RESOLUTION)
 
 
-def _trackers(args, accelerator, log):
+def _trackers(config, accelerator, log):
     """Start the trackers accelerate was given (tensorboard is dropped quietly when not installed)."""
     if not accelerator.log_with:
         return False
-    accelerator.init_trackers(args.tracker_name, config={k: v for k, v in args.to_dict().items()
+    accelerator.init_trackers(config.tracker_name, config={k: v for k, v in config.to_dict().items()
                                                          if isinstance(v, (int, float, str, bool))})
     return True
 
@@ -97,121 +97,121 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def train(args: TrainConfig) -> dict:
+def train(config: TrainConfig) -> dict:
     """Train; returns ``dict(lora=..., metrics=..., plot=..., global_step=...)``."""
     quiet_libraries()
     threads = torch.get_num_threads()
     try:
         with StopRequest() as stop:
-            return _train(args, stop)
+            return _train(config, stop)
     finally:
         torch.set_num_threads(threads)  # --cpu_threads must not leak into a caller's process
 
 
-def _train(args: TrainConfig, stop: StopRequest) -> dict:
-    accelerator = _accelerator(args)
+def _train(config: TrainConfig, stop: StopRequest) -> dict:
+    accelerator = _accelerator(config)
     main_proc = accelerator.is_main_process
     log = print if main_proc else (lambda *a, **k: None)
     t_start = time.time()
-    args = _prepare_inputs(args, accelerator, log)
-    if args.allow_tf32 and torch.cuda.is_available():
+    config = _prepare_inputs(config, accelerator, log)
+    if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     from accelerate.utils import set_seed
 
-    set_seed(args.seed)
+    set_seed(config.seed)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    _check_distributed(args, accelerator, log)
-    scheduler, unet, reference_unet, named = _build_models(args, device, weight_dtype, log)
-    if args.distributed == "fsdp":
-        unet, reference_unet, named = _shard(args, accelerator, unet, reference_unet)
-    data = _build_data(args, accelerator, unet, weight_dtype, log)
-    args = args.replace(resolution=data.resolution)  # a latent cache's or the synthetic UNet's
-    sampler = PairBatchSampler(len(data.dataset), args.train_batch_size, args.seed, rank=accelerator.process_index,
+    _check_distributed(config, accelerator, log)
+    scheduler, unet, reference_unet, named = _build_models(config, device, weight_dtype, log)
+    if config.distributed == "fsdp":
+        unet, reference_unet, named = _shard(config, accelerator, unet, reference_unet)
+    data = _build_data(config, accelerator, unet, weight_dtype, log)
+    config = config.replace(resolution=data.resolution)  # a latent cache's or the synthetic UNet's
+    sampler = PairBatchSampler(len(data.dataset), config.train_batch_size, config.seed, rank=accelerator.process_index,
                                world=accelerator.num_processes)
-    if args.max_train_steps is None:
-        args = args.replace(max_train_steps=args.num_train_epochs * math.ceil(
-            sampler.num_batches() / args.gradient_accumulation_steps))
-    state = _build_state(args, accelerator, scheduler, unet, reference_unet, named, data, weight_dtype, log)
-    run = _Run(args, accelerator, stop, log, data, sampler, scheduler, state)
+    if config.max_train_steps is None:
+        config = config.replace(max_train_steps=config.num_train_epochs * math.ceil(
+            sampler.num_batches() / config.gradient_accumulation_steps))
+    state = _build_state(config, accelerator, scheduler, unet, reference_unet, named, data, weight_dtype, log)
+    run = _Run(config, accelerator, stop, log, data, sampler, scheduler, state)
     _resume(run)
-    run.use_tb = _trackers(args, accelerator, log)
+    run.use_tb = _trackers(config, accelerator, log)
     _write_run_config(run, named)
-    if args.run_validation and main_proc:
+    if config.run_validation and main_proc:
         from .validation import Validator
 
-        run.validator = Validator(args, state.models.base, device, weight_dtype, lambda: accelerator.trackers)
+        run.validator = Validator(config, state.models.base, device, weight_dtype, lambda: accelerator.trackers)
     stopped = _loop(run)
     if stopped is not None:
         return stopped
     return _finish(run, t_start)
 
 
-def _accelerator(args: TrainConfig):
+def _accelerator(config: TrainConfig):
     """The Accelerator, after every rank has checked --output_dir (the main process clears it)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     from .compat import trackers
 
-    resuming = bool(args.resume_from_checkpoint) and (
-        args.resume_from_checkpoint != "latest" or bool(ckpt.list_checkpoints(args.output_dir)))
-    ckpt.check_output_dir(args.output_dir, resuming, bool(args.overwrite_output_dir), args.logging_dir,
+    resuming = bool(config.resume_from_checkpoint) and (
+        config.resume_from_checkpoint != "latest" or bool(ckpt.list_checkpoints(config.output_dir)))
+    ckpt.check_output_dir(config.output_dir, resuming, bool(config.overwrite_output_dir), config.logging_dir,
                           remove=False)  # every rank refuses alike; the main process removes (below)
-    log_with = trackers(args.report_to)
+    log_with = trackers(config.report_to)
     # cpu=True without a visible GPU: under torchrun that is what makes accelerate set up DDP over gloo
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              mixed_precision=config.mixed_precision,
                               log_with=log_with or None,
-                              project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                                                  logging_dir=os.path.join(args.output_dir,
-                                                                                           args.logging_dir)))
+                              project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                                                  logging_dir=os.path.join(config.output_dir,
+                                                                                           config.logging_dir)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ckpt.check_output_dir(args.output_dir, resuming, bool(args.overwrite_output_dir), args.logging_dir)
-        os.makedirs(args.output_dir, exist_ok=True)
+        ckpt.check_output_dir(config.output_dir, resuming, bool(config.overwrite_output_dir), config.logging_dir)
+        os.makedirs(config.output_dir, exist_ok=True)
     accelerator.wait_for_everyone()
-    if accelerator.device.type == "cpu" and getattr(args, "cpu_threads", None):
-        torch.set_num_threads(args.cpu_threads)
+    if accelerator.device.type == "cpu" and getattr(config, "cpu_threads", None):
+        torch.set_num_threads(config.cpu_threads)
     return accelerator
 
 
-def _prepare_inputs(args: TrainConfig, accelerator, log) -> TrainConfig:
+def _prepare_inputs(config: TrainConfig, accelerator, log) -> TrainConfig:
     """The toy model/data (--toy) and the latent cache (--cache_latents), built by the main process;
     returns the config that trains from them."""
     main_proc = accelerator.is_main_process
-    if args.toy:
+    if config.toy:
         if main_proc:
-            args = _prepare_toy(args, log)
+            config = _prepare_toy(config, log)
         accelerator.wait_for_everyone()
         if not main_proc:
-            args = _prepare_toy(args, lambda *a, **k: None)
-    if args.cache_latents and not args.latent_cache:
+            config = _prepare_toy(config, lambda *a, **k: None)
+    if config.cache_latents and not config.latent_cache:
         from .cache import build_cache
 
-        args = args.replace(latent_cache=os.path.join(args.output_dir, "latent_cache"))
+        config = config.replace(latent_cache=os.path.join(config.output_dir, "latent_cache"))
         if main_proc:
-            build_cache(args.pretrained_model_name_or_path, args.dataset_name, args.latent_cache,
-                        split=args.dataset_split_name, resolution=args.resolution, flip_ratio=args.inject_label_noise,
-                        flip_seed=args.flip_seed, max_pairs=args.max_train_samples, seed=args.seed,
-                        device=_dev(accelerator.device), variant=args.variant, log=log, hflip=not args.no_hflip,
-                        random_crop=args.random_crop, vae_path=args.pretrained_vae_model_name_or_path)
+            build_cache(config.pretrained_model_name_or_path, config.dataset_name, config.latent_cache,
+                        split=config.dataset_split_name, resolution=config.resolution, flip_ratio=config.inject_label_noise,
+                        flip_seed=config.flip_seed, max_pairs=config.max_train_samples, seed=config.seed,
+                        device=_dev(accelerator.device), variant=config.variant, log=log, hflip=not config.no_hflip,
+                        random_crop=config.random_crop, vae_path=config.pretrained_vae_model_name_or_path)
         accelerator.wait_for_everyone()
-    return args
+    return config
 
 
-def _build_models(args: TrainConfig, device, weight_dtype, log):
+def _build_models(config: TrainConfig, device, weight_dtype, log):
     """``(noise scheduler, UNet, frozen reference UNet or None, [(name, trained parameter)])``."""
-    if args.pretrained_model_name_or_path:
-        scheduler = load_scheduler(args.pretrained_model_name_or_path, args.prediction_type)
+    if config.pretrained_model_name_or_path:
+        scheduler = load_scheduler(config.pretrained_model_name_or_path, config.prediction_type)
     else:  # --unet_config without a model folder: SD's training scheduler
-        scheduler = sd_scheduler(args.prediction_type or "epsilon")
-    unet = (build_unet(args.unet_config, args.seed) if args.unet_config
-            else load_unet(args.pretrained_model_name_or_path, args.variant))
-    set_attention(unet, args.attention, log)
+        scheduler = sd_scheduler(config.prediction_type or "epsilon")
+    unet = (build_unet(config.unet_config, config.seed) if config.unet_config
+            else load_unet(config.pretrained_model_name_or_path, config.variant))
+    set_attention(unet, config.attention, log)
     reference_unet = None
-    if args.full_finetune:
+    if config.full_finetune:
         # fp32 master weights (autocast runs them in --mixed_precision); the reference is a frozen copy
         import copy
 
@@ -221,13 +221,13 @@ def _build_models(args: TrainConfig, device, weight_dtype, log):
         named = list(unet.named_parameters())
     else:
         unet.to(device, dtype=weight_dtype)
-        named = add_lora(unet, args.rank, args.lora_alpha,
-                         [t.strip() for t in args.lora_target_modules.split(",")], args.lora_init)
-    if args.channels_last:
+        named = add_lora(unet, config.rank, config.lora_alpha,
+                         [t.strip() for t in config.lora_target_modules.split(",")], config.lora_init)
+    if config.channels_last:
         unet.to(memory_format=torch.channels_last)
         if reference_unet is not None:
             reference_unet.to(memory_format=torch.channels_last)
-    if args.gradient_checkpointing:
+    if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return scheduler, unet, reference_unet, named
 
@@ -243,64 +243,64 @@ class _Data:
     text_encoder: object = None
 
 
-def _build_data(args: TrainConfig, accelerator, unet, weight_dtype, log) -> _Data:
+def _build_data(config: TrainConfig, accelerator, unet, weight_dtype, log) -> _Data:
     """The pair dataset: synthetic, a latent cache, or images encoded in every step."""
     device = accelerator.device
     stat_keys = ("num_rows", "num_ties", "num_corrupt", "num_pairs")
-    if args.synthetic_pairs:
-        tokens, width, pooled = text_shape(args.unet_config)
+    if config.synthetic_pairs:
+        tokens, width, pooled = text_shape(config.unet_config)
         ss = unet.config.sample_size
-        dataset = SyntheticPairDataset(args.synthetic_pairs, (unet.config.in_channels, ss, ss), (tokens, width),
-                                       pooled, resolution=ss * 8, seed=args.seed)
+        dataset = SyntheticPairDataset(config.synthetic_pairs, (unet.config.in_channels, ss, ss), (tokens, width),
+                                       pooled, resolution=ss * 8, seed=config.seed)
         data = _Data(dataset, collate_cached, None, {k: dataset.meta[k] for k in stat_keys}, ss * 8)
-    elif args.latent_cache:
-        if args.inject_label_noise and not args.toy:
+    elif config.latent_cache:
+        if config.inject_label_noise and not config.toy:
             log("note: --inject_label_noise is applied when the cache is built; the cache's flips are used")
-        dataset = CachedPairDataset(args.latent_cache)
+        dataset = CachedPairDataset(config.latent_cache)
         meta = dataset.meta
-        check_cache_fits(args, meta, dataset, unet, log)
+        check_cache_fits(config, meta, dataset, unet, log)
         data = _Data(dataset, collate_cached,
                      {k: meta[k] for k in ("flip_ratio", "flip_seed", "flipped_pairs", "flipped_rows")},
                      {k: meta[k] for k in stat_keys},
-                     meta.get("resolution", args.resolution))  # what the latents were made at
+                     meta.get("resolution", config.resolution))  # what the latents were made at
     else:
-        if not args.dataset_name:
+        if not config.dataset_name:
             raise UserError("give --dataset_name or --latent_cache")
-        pairs = PickAPicPairs(args.dataset_name, args.dataset_split_name, args.inject_label_noise, args.flip_seed,
-                              args.max_train_samples)
-        vae = load_vae(args.pretrained_model_name_or_path, args.variant,
-                       args.pretrained_vae_model_name_or_path).to(device, dtype=weight_dtype)
-        text_encoder = load_text_encoders(args.pretrained_model_name_or_path, args.variant).to(device, weight_dtype)
-        dataset = ImagePairDataset(pairs, text_encoder, args.resolution, hflip=not args.no_hflip,
-                                   random_crop=args.random_crop, seed=args.seed)
+        pairs = PickAPicPairs(config.dataset_name, config.dataset_split_name, config.inject_label_noise, config.flip_seed,
+                              config.max_train_samples)
+        vae = load_vae(config.pretrained_model_name_or_path, config.variant,
+                       config.pretrained_vae_model_name_or_path).to(device, dtype=weight_dtype)
+        text_encoder = load_text_encoders(config.pretrained_model_name_or_path, config.variant).to(device, weight_dtype)
+        dataset = ImagePairDataset(pairs, text_encoder, config.resolution, hflip=not config.no_hflip,
+                                   random_crop=config.random_crop, seed=config.seed)
         data = _Data(dataset, collate_images, pairs.flip_record(),
                      {"num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": None,
-                      "num_pairs": len(pairs)}, args.resolution, vae, text_encoder)
+                      "num_pairs": len(pairs)}, config.resolution, vae, text_encoder)
     if accelerator.is_main_process and data.flip_record is not None:
-        with open(os.path.join(args.output_dir, "flipped_pairs.json"), "w") as f:
+        with open(os.path.join(config.output_dir, "flipped_pairs.json"), "w") as f:
             json.dump(data.flip_record, f)
     return data
 
 
-def _optimizer(args: TrainConfig, params: list, accelerator, num_training_steps: int):
+def _optimizer(config: TrainConfig, params: list, accelerator, num_training_steps: int):
     """AdamW (fused on CUDA, or bitsandbytes' 8-bit) and the LR schedule."""
     from diffusers.optimization import get_scheduler
 
-    lr = args.learning_rate
-    if args.scale_lr:
-        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    fused = accelerator.device.type == "cuda" if args.fused_adamw is None else args.fused_adamw
+    lr = config.learning_rate
+    if config.scale_lr:
+        lr *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+    fused = accelerator.device.type == "cuda" if config.fused_adamw is None else config.fused_adamw
     adamw = torch.optim.AdamW
-    if args.use_8bit_adam:  # compat.check made sure bitsandbytes is installed
+    if config.use_8bit_adam:  # compat.check made sure bitsandbytes is installed
         import bitsandbytes as bnb
 
         adamw, fused = bnb.optim.AdamW8bit, False
-    optimizer = adamw(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **({"fused": True} if fused else {}))
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+    optimizer = adamw(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
+                      weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, **({"fused": True} if fused else {}))
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=num_training_steps * accelerator.num_processes,
-                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
     return optimizer, lr_scheduler
 
 
@@ -312,23 +312,23 @@ _FSDP_REFUSED = (
 )
 
 
-def _check_distributed(args: TrainConfig, accelerator, log) -> None:
+def _check_distributed(config: TrainConfig, accelerator, log) -> None:
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UserError("accelerate's FSDP plugin is not how this trainer shards: launch with a multi-GPU "
                         "config (docs/accelerate/ddp.yaml) or torchrun and pass --distributed fsdp")
-    if args.distributed == "fsdp":
+    if config.distributed == "fsdp":
         if accelerator.num_processes < 2:
             raise UserError("--distributed fsdp shards over several processes: launch with accelerate launch "
                             "(docs/accelerate/ddp.yaml) or torchrun --nproc_per_node N, N >= 2")
-        if args.mixed_precision == "fp16":
+        if config.mixed_precision == "fp16":
             raise UserError("--distributed fsdp with --mixed_precision fp16 is not supported (it needs a sharded "
                             "gradient scaler): use bf16")
         for flag, why in _FSDP_REFUSED:
-            if getattr(args, flag):
+            if getattr(config, flag):
                 raise UserError(f"--distributed fsdp does not combine with {why}")
-        if args.batched_annotators and not args.full_finetune:
+        if config.batched_annotators and not config.full_finetune:
             log("note: --batched_annotators is not used with --distributed fsdp; EMA shards are swapped in place")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # Tried (deepspeed 0.19.8, CPU): the step fails at once, DeepSpeed's clip_grad_norm_ returns a float
@@ -365,64 +365,64 @@ def _load_weights(accelerator, full_finetune: bool, models, input_dir) -> None:
             load_lora_state_dict(m, load_file(os.path.join(input_dir, "lora.safetensors")))
 
 
-def _shard(args: TrainConfig, accelerator, unet, reference_unet):
+def _shard(config: TrainConfig, accelerator, unet, reference_unet):
     """--distributed fsdp: the UNet (and a full fine-tune's reference) sharded over every process; returns
     ``(unet, reference, [(name, trained parameter)])`` (the parameters are now DTensors)."""
     from . import fsdp
 
     mesh = fsdp.device_mesh(accelerator.device)
-    policy = fsdp.mixed_precision_policy(args.mixed_precision)
+    policy = fsdp.mixed_precision_policy(config.mixed_precision)
     fsdp.shard_unet(unet, mesh, policy)
     if reference_unet is not None:
         fsdp.shard_unet(reference_unet, mesh, policy)
     return unet, reference_unet, [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
 
 
-def _build_annotators(args: TrainConfig, cfg, base_unet, named, log):
-    if not (cfg.adaptive and args.ema_decays):
+def _build_annotators(config: TrainConfig, cfg, base_unet, named, log):
+    if not (cfg.adaptive and config.ema_decays):
         return None
     names, params = [n for n, _ in named], [p for _, p in named]
-    if args.distributed == "fsdp":
+    if config.distributed == "fsdp":
         from . import fsdp
 
-        return EMAAnnotators(params, names, args.ema_decays, after_swap=functools.partial(fsdp.reshard, base_unet))
-    if args.batched_annotators and not args.full_finetune:
-        return MixedBatchAnnotators(base_unet, params, names, args.ema_decays)
-    if args.batched_annotators:
+        return EMAAnnotators(params, names, config.ema_decays, after_swap=functools.partial(fsdp.reshard, base_unet))
+    if config.batched_annotators and not config.full_finetune:
+        return MixedBatchAnnotators(base_unet, params, names, config.ema_decays)
+    if config.batched_annotators:
         log("note: --batched_annotators needs LoRA adapters; a full fine-tune swaps EMA weights in place")
-    return EMAAnnotators(params, names, args.ema_decays)
+    return EMAAnnotators(params, names, config.ema_decays)
 
 
-def _build_state(args: TrainConfig, accelerator, scheduler, unet, reference_unet, named, data: _Data,
+def _build_state(config: TrainConfig, accelerator, scheduler, unet, reference_unet, named, data: _Data,
                  weight_dtype, log) -> TrainState:
     """Optimiser, compilation, accelerate's prepare and hooks, annotators, generators: the TrainState."""
     params = [p for _, p in named]
-    optimizer, lr_scheduler = _optimizer(args, params, accelerator, args.max_train_steps)
-    sharded = args.distributed == "fsdp"
-    if (accelerator.device.type == "cuda" and not sharded) if args.compile is None else args.compile:
-        compile_unet(unet, mode=args.compile_mode)
+    optimizer, lr_scheduler = _optimizer(config, params, accelerator, config.max_train_steps)
+    sharded = config.distributed == "fsdp"
+    if (accelerator.device.type == "cuda" and not sharded) if config.compile is None else config.compile:
+        compile_unet(unet, mode=config.compile_mode)
         if reference_unet is not None:
-            compile_unet(reference_unet, mode=args.compile_mode)
+            compile_unet(reference_unet, mode=config.compile_mode)
     if sharded:  # FSDP2 is applied already (_shard); accelerate wraps the optimizer and schedule only
         optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
         base_unet = unet
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
         base_unet = accelerator.unwrap_model(unet, keep_torch_compile=True)
-        accelerator.register_save_state_pre_hook(functools.partial(_save_weights, accelerator, args.full_finetune))
-        accelerator.register_load_state_pre_hook(functools.partial(_load_weights, accelerator, args.full_finetune))
-    annotators = _build_annotators(args, args.loss_config, base_unet, named, log)
+        accelerator.register_save_state_pre_hook(functools.partial(_save_weights, accelerator, config.full_finetune))
+        accelerator.register_load_state_pre_hook(functools.partial(_load_weights, accelerator, config.full_finetune))
+    annotators = _build_annotators(config, config.loss_config, base_unet, named, log)
     device, rank = accelerator.device, accelerator.process_index
     # noise/timesteps: one stream for the global batch on every process (step_inputs takes this rank's
     # rows); VAE latent samples (image path): a stream per process, since each encodes its own images
-    gen = torch.Generator(device=device).manual_seed(args.seed * 7919)
-    vae_gen = torch.Generator(device=device).manual_seed(args.seed * 7919 + 104729 * (rank + 1))
-    options = StepOptions(ema_warmup_steps=args.ema_warmup_steps, loss_backend=args.loss_backend,
-                          max_grad_norm=args.max_grad_norm, dump_pairs=bool(args.dump_pairs),
-                          channels_last=bool(args.channels_last), vae_chunk=args.vae_encode_batch_size)
+    gen = torch.Generator(device=device).manual_seed(config.seed * 7919)
+    vae_gen = torch.Generator(device=device).manual_seed(config.seed * 7919 + 104729 * (rank + 1))
+    options = StepOptions(ema_warmup_steps=config.ema_warmup_steps, loss_backend=config.loss_backend,
+                          max_grad_norm=config.max_grad_norm, dump_pairs=bool(config.dump_pairs),
+                          channels_last=bool(config.channels_last), vae_chunk=config.vae_encode_batch_size)
     state = TrainState(accelerator=accelerator, models=StepModels(unet, base_unet, reference_unet, annotators),
                        optimizer=optimizer, lr_scheduler=lr_scheduler, params=params, noise_scheduler=scheduler,
-                       cfg=args.loss_config, gen=gen, weight_dtype=weight_dtype, options=options,
+                       cfg=config.loss_config, gen=gen, weight_dtype=weight_dtype, options=options,
                        annotators=annotators, vae_gen=vae_gen, text_encoder=data.text_encoder, vae=data.vae)
     if not sharded:  # save_state/load_state hold it (under FSDP the trainer saves it the same way, by hand)
         accelerator.register_for_checkpointing(state)
@@ -432,20 +432,20 @@ def _build_state(args: TrainConfig, accelerator, scheduler, unet, reference_unet
 class _Run:
     """The loop's surroundings: arguments, output paths, the progress bar, the validator."""
 
-    def __init__(self, args: TrainConfig, accelerator, stop: StopRequest, log, data: _Data,
+    def __init__(self, config: TrainConfig, accelerator, stop: StopRequest, log, data: _Data,
                  sampler: PairBatchSampler, scheduler, state: TrainState):
-        self.args, self.accelerator, self.stop, self.log, self.data = args, accelerator, stop, log, data
+        self.config, self.accelerator, self.stop, self.log, self.data = config, accelerator, stop, log, data
         self.scheduler, self.state = scheduler, state
         self.main_proc = accelerator.is_main_process
         self.world = accelerator.num_processes
-        self.sharded = args.distributed == "fsdp"
-        self.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-        self.pairs_path = os.path.join(args.output_dir, "pairs.jsonl")
+        self.sharded = config.distributed == "fsdp"
+        self.metrics_path = os.path.join(config.output_dir, "metrics.jsonl")
+        self.pairs_path = os.path.join(config.output_dir, "pairs.jsonl")
         self.sampler = sampler
         self.loader = torch.utils.data.DataLoader(data.dataset, batch_sampler=self.sampler,
-                                                  collate_fn=data.collate, num_workers=args.dataloader_num_workers)
+                                                  collate_fn=data.collate, num_workers=config.dataloader_num_workers)
         self.batches_per_epoch = self.sampler.num_batches()
-        self.num_epochs = math.ceil(args.max_train_steps * args.gradient_accumulation_steps
+        self.num_epochs = math.ceil(config.max_train_steps * config.gradient_accumulation_steps
                                     / self.batches_per_epoch) + 1
         self.progress = None
         self.validator = None
@@ -457,19 +457,19 @@ def _resume(run: _Run) -> None:
     """Remove crashed saves; restore a checkpoint (--resume_from_checkpoint) or start the logs afresh."""
     from safetensors.torch import load_file
 
-    args, st, acc = run.args, run.state, run.accelerator
+    config, st, acc = run.config, run.state, run.accelerator
     if run.main_proc:
-        ckpt.remove_partial(args.output_dir)  # left by a save that crashed: never complete
-    resume = ckpt.resolve(args.output_dir, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint and resume is None:
-        run.log(f"no checkpoint in {args.output_dir}; starting fresh")
+        ckpt.remove_partial(config.output_dir)  # left by a save that crashed: never complete
+    resume = ckpt.resolve(config.output_dir, config.resume_from_checkpoint)
+    if config.resume_from_checkpoint and resume is None:
+        run.log(f"no checkpoint in {config.output_dir}; starting fresh")
     if not resume:
         for path in (run.metrics_path, run.pairs_path):
             if run.main_proc and os.path.exists(path):
                 os.remove(path)
         return
     saved = ckpt.read_state(resume)
-    if saved.get("distributed", "ddp") != args.distributed:
+    if saved.get("distributed", "ddp") != config.distributed:
         raise UserError(f"--resume_from_checkpoint: {resume} was written with --distributed "
                         f"{saved.get('distributed', 'ddp')}; resume it with the same")
     if not os.path.isfile(os.path.join(resume, TRAIN_STATE_FILE)):
@@ -503,19 +503,19 @@ def _load_sharded(run: _Run, path: str, saved: dict) -> None:
 
 
 def _write_run_config(run: _Run, named) -> None:
-    args, cfg, st = run.args, run.state.cfg, run.state
+    config, cfg, st = run.config, run.state.cfg, run.state
     n_params = sum(p.numel() for _, p in named)
     if run.main_proc:
-        with open(os.path.join(args.output_dir, "train_config.json"), "w") as f:
-            json.dump({"args": args.to_dict(),
-                       "beta": cfg.beta, "beta_convention": args.beta_convention,
+        with open(os.path.join(config.output_dir, "train_config.json"), "w") as f:
+            json.dump({"config": config.to_dict(),
+                       "beta": cfg.beta, "beta_convention": config.beta_convention,
                        "loss_config": dataclasses.asdict(cfg), "data": run.data.stats,
                        "lora_parameters": n_params}, f, indent=1, default=str)
     run.log(f"adpo-train: {len(run.data.dataset)} pairs, {run.batches_per_epoch} batches/epoch of "
-            f"{args.train_batch_size} pairs, {args.max_train_steps} steps, "
-            f"{'Adaptive-DPO' if cfg.adaptive else 'Diffusion-DPO'} beta={cfg.beta:g} ({args.beta_convention}), "
-            f"{len(args.ema_decays)} EMA annotator(s), "
-            + ("full fine-tune" if args.full_finetune else f"LoRA r={args.rank}")
+            f"{config.train_batch_size} pairs, {config.max_train_steps} steps, "
+            f"{'Adaptive-DPO' if cfg.adaptive else 'Diffusion-DPO'} beta={cfg.beta:g} ({config.beta_convention}), "
+            f"{len(config.ema_decays)} EMA annotator(s), "
+            + ("full fine-tune" if config.full_finetune else f"LoRA r={config.rank}")
             + f" ({n_params:,} params), {run.scheduler.config.prediction_type}, device {st.device}"
             + (f" x {run.world} processes" if run.world > 1 else "") + (" (FSDP)" if run.sharded else ""))
 
@@ -552,12 +552,12 @@ def _write_sharded(run: _Run, path: str) -> None:
 
     from . import fsdp
 
-    st, args = run.state, run.args
+    st, config = run.state, run.config
     save_custom_state(st, path, 0)  # the main process writes the TrainState, as accelerate's save_state would
     fsdp.save(os.path.join(path, fsdp.DCP_FOLDER), st.models.unet, st.optimizer.optimizer, st.annotators)
     if run.main_proc:
         torch.save(st.lr_scheduler.state_dict(), os.path.join(path, SCHEDULER_FILE))
-    if not args.full_finetune:  # the adapter is small: gathered on the main process, one tensor at a time
+    if not config.full_finetune:  # the adapter is small: gathered on the main process, one tensor at a time
         full = fsdp.full_state_dict(st.models.unet, run.main_proc, trainable_only=True)
         if run.main_proc:
             save_file(lora_state_dict(st.models.base, full), os.path.join(path, "lora.safetensors"))
@@ -567,25 +567,25 @@ def _write_sharded(run: _Run, path: str) -> None:
 def write_checkpoint(run: _Run) -> str:
     """An atomic ``checkpoint-<step>`` of the run at its current step and data position."""
     flush_pairs(run)
-    args, st, acc = run.args, run.state, run.accelerator
+    config, st, acc = run.config, run.state, run.accelerator
     step = st.global_step
     meta = {"global_step": step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch,
             "num_corrupt_seen": st.num_corrupt_seen, "steps_since_log": st.steps_since_log,
             "skipped_steps_total": st.skipped_total, "world_size": acc.num_processes,
-            "distributed": args.distributed, "accelerator_step": acc.step,
+            "distributed": config.distributed, "accelerator_step": acc.step,
             "ema": st.annotators.state_meta() if st.annotators is not None else None}
     write = functools.partial(_write_checkpoint_files, run, meta)
     acc.wait_for_everyone()
     if acc.num_processes == 1:
-        return ckpt.save_atomic(args.output_dir, step, write, args.checkpoints_total_limit)
+        return ckpt.save_atomic(config.output_dir, step, write, config.checkpoints_total_limit)
     # several processes: every rank writes its files into the main process's temporary folder
-    tmp = ckpt.tmp_path(args.output_dir, step)
+    tmp = ckpt.tmp_path(config.output_dir, step)
     if run.main_proc:
-        ckpt.begin(args.output_dir, step)
+        ckpt.begin(config.output_dir, step)
     acc.wait_for_everyone()
     write(tmp)
     acc.wait_for_everyone()
-    path = ckpt.finish(args.output_dir, step, meta, args.checkpoints_total_limit) if run.main_proc else tmp
+    path = ckpt.finish(config.output_dir, step, meta, config.checkpoints_total_limit) if run.main_proc else tmp
     acc.wait_for_everyone()
     return path
 
@@ -600,7 +600,7 @@ def _end(accelerator) -> None:
 def _interrupted(run: _Run, signum: int) -> Interrupted:
     """Checkpoint (unless this step already has one) and end the run after a signal."""
     step = run.state.global_step
-    path = ckpt.list_checkpoints(run.args.output_dir)
+    path = ckpt.list_checkpoints(run.config.output_dir)
     path = path[-1][1] if path and path[-1][0] == step else None
     if path is None and step > 0:
         path = write_checkpoint(run)
@@ -614,16 +614,16 @@ def _interrupted(run: _Run, signum: int) -> Interrupted:
 
 def _loop(run: _Run) -> Optional[dict]:
     """Train to --max_train_steps; returns the result of a --stop_after_steps stop, else None."""
-    args, st = run.args, run.state
-    if run.main_proc and not args.quiet:
+    config, st = run.config, run.state
+    if run.main_proc and not config.quiet:
         from tqdm.auto import tqdm
 
-        run.progress = tqdm(total=args.max_train_steps, initial=st.global_step, desc="adpo-train",
+        run.progress = tqdm(total=config.max_train_steps, initial=st.global_step, desc="adpo-train",
                             dynamic_ncols=True)
     run.t_log = time.time()
     st.models.unet.train()
     run.stop.arm()
-    done = st.global_step >= args.max_train_steps
+    done = st.global_step >= config.max_train_steps
     while not done and st.epoch < run.num_epochs:
         run.sampler.set_epoch(st.epoch, st.batch_in_epoch)
         for batch in run.loader:
@@ -637,7 +637,7 @@ def _loop(run: _Run) -> Optional[dict]:
             stopped = _after_step(run, metrics)
             if stopped is not None:
                 return stopped
-            if st.global_step >= args.max_train_steps:
+            if st.global_step >= config.max_train_steps:
                 done = True
                 break
         if not done:
@@ -649,22 +649,22 @@ def _loop(run: _Run) -> Optional[dict]:
 
 def _after_step(run: _Run, metrics: StepMetrics) -> Optional[dict]:
     """Log, validate, checkpoint and honour stop requests after an optimisation step."""
-    args, st, acc = run.args, run.state, run.accelerator
+    config, st, acc = run.config, run.state, run.accelerator
     synced, agreed_signal = False, None
     if run.progress is not None:
         run.progress.update(1)
-    if st.global_step % args.logging_steps == 0 or st.global_step >= args.max_train_steps:
+    if st.global_step % config.logging_steps == 0 or st.global_step >= config.max_train_steps:
         _log_metrics(run, metrics.ready)
         synced = True
         if run.world > 1:  # a signal may reach one rank only (or arrive mid-sync): agree on a snapshot
             local = run.stop.signum
             sig = acc.reduce(torch.tensor([float(local or 0)], device=st.device), "sum")
             agreed_signal = (local or 15) if sig.item() > 0 else None  # 15: SIGTERM
-    if run.validator is not None and st.global_step % args.validation_steps == 0:
+    if run.validator is not None and st.global_step % config.validation_steps == 0:
         run.log(f"\nvalidation images: {run.validator.run(st.global_step)}")
     stop_signal = run.stop.signum if run.world == 1 else (agreed_signal if synced else None)
-    stop_early = args.stop_after_steps is not None and st.global_step >= args.stop_after_steps
-    if st.global_step % args.checkpointing_steps == 0 or stop_early or st.global_step >= args.max_train_steps:
+    stop_early = config.stop_after_steps is not None and st.global_step >= config.stop_after_steps
+    if st.global_step % config.checkpointing_steps == 0 or stop_early or st.global_step >= config.max_train_steps:
         path = write_checkpoint(run)
         run.log(f"\ncheckpoint: {path}" if run.progress is not None else f"checkpoint: {path}")
     if stop_signal:
@@ -676,7 +676,7 @@ def _after_step(run: _Run, metrics: StepMetrics) -> Optional[dict]:
     run.log(f"stopped after {st.global_step} steps (--stop_after_steps); resume with "
             f"--resume_from_checkpoint latest")
     _end(acc)
-    return {"global_step": st.global_step, "stopped": True, "output_dir": args.output_dir}
+    return {"global_step": st.global_step, "stopped": True, "output_dir": config.output_dir}
 
 
 def _log_metrics(run: _Run, ready: bool) -> None:
@@ -719,28 +719,28 @@ def _log_metrics(run: _Run, ready: bool) -> None:
 
 def _finish(run: _Run, t_start: float) -> dict:
     """Write the final weights, the EMA annotators, the per-rank memory and the plot; report where they are."""
-    args, st, acc = run.args, run.state, run.accelerator
+    config, st, acc = run.config, run.state, run.accelerator
     acc.wait_for_everyone()
-    result = {"global_step": st.global_step, "output_dir": args.output_dir, "stopped": False,
+    result = {"global_step": st.global_step, "output_dir": config.output_dir, "stopped": False,
               "metrics": run.metrics_path,
-              "lora": None if args.full_finetune else os.path.join(args.output_dir, LORA_WEIGHT_NAME)}
-    if args.full_finetune:
-        result["unet"] = os.path.join(args.output_dir, "unet")
+              "lora": None if config.full_finetune else os.path.join(config.output_dir, LORA_WEIGHT_NAME)}
+    if config.full_finetune:
+        result["unet"] = os.path.join(config.output_dir, "unet")
     _export(run, result)
     memory = _rank_memory(run)
     if run.main_proc:
-        with open(os.path.join(args.output_dir, MEMORY_FILE), "w") as f:
+        with open(os.path.join(config.output_dir, MEMORY_FILE), "w") as f:
             json.dump(memory, f, indent=1)
         plot = None
-        if not args.no_plot:
+        if not config.no_plot:
             from .plot import plot_metrics
 
-            plot = plot_metrics(run.metrics_path, os.path.join(args.output_dir, "training_curves.png"))
+            plot = plot_metrics(run.metrics_path, os.path.join(config.output_dir, "training_curves.png"))
         result["plot"] = plot
         _report(run, result, t_start)
     _end(acc)
-    if st.global_step < args.max_train_steps:
-        raise RunCutShort(f"the run ended at step {st.global_step} of --max_train_steps {args.max_train_steps}: "
+    if st.global_step < config.max_train_steps:
+        raise RunCutShort(f"the run ended at step {st.global_step} of --max_train_steps {config.max_train_steps}: "
                           f"the data ran out ({st.num_corrupt_seen} corrupt pairs dropped, {st.skipped_total} "
                           f"non-finite steps skipped); outputs are written. Use more data or fewer steps.")
     return result
@@ -754,21 +754,21 @@ def _export(run: _Run, result: dict) -> None:
 
     from . import fsdp
 
-    args, st, acc, main = run.args, run.state, run.accelerator, run.main_proc
-    if args.full_finetune and run.sharded:
+    config, st, acc, main = run.config, run.state, run.accelerator, run.main_proc
+    if config.full_finetune and run.sharded:
         if main:
             st.models.base.save_config(result["unet"])
         fsdp.save_gathered(os.path.join(result["unet"], "diffusion_pytorch_model.safetensors"),
                            st.models.unet.state_dict(), main, {"format": "pt"})
-    elif args.full_finetune and main:
+    elif config.full_finetune and main:
         acc.unwrap_model(st.models.unet).save_pretrained(result["unet"], safe_serialization=True)
-    elif not args.full_finetune:
+    elif not config.full_finetune:
         full = fsdp.full_state_dict(st.models.unet, main, trainable_only=True) if run.sharded else None
         if main:
-            save_lora_diffusers(st.models.base, args.output_dir, full)
+            save_lora_diffusers(st.models.base, config.output_dir, full)
     if st.annotators is None:
         return
-    path, meta = os.path.join(args.output_dir, "ema_annotators.safetensors"), {"decays": json.dumps(st.annotators.decays)}
+    path, meta = os.path.join(config.output_dir, "ema_annotators.safetensors"), {"decays": json.dumps(st.annotators.decays)}
     if run.sharded:
         fsdp.save_gathered(path, fsdp.ema_state(st.annotators), main, meta)
     elif main:
@@ -781,14 +781,14 @@ def _rank_memory(run: _Run) -> dict:
 
     st = run.state
     mine = fsdp.rank_memory(st.models.unet, st.models.reference_unet, st.optimizer, st.annotators)
-    return {"distributed": run.args.distributed if run.world > 1 else "none", "world_size": run.world,
+    return {"distributed": run.config.distributed if run.world > 1 else "none", "world_size": run.world,
             "ranks": fsdp.all_ranks(mine, run.world)}
 
 
 def _report(run: _Run, result: dict, t_start: float) -> None:
-    args, log = run.args, run.log
+    config, log = run.config, run.log
     log(f"\ndone: {run.state.global_step} steps in {time.time() - t_start:.0f}s")
-    if args.full_finetune:
+    if config.full_finetune:
         log(f"  UNet (diffusers format): {result['unet']}")
     else:
         log(f"  LoRA (diffusers format): {result['lora']}")
@@ -796,8 +796,8 @@ def _report(run: _Run, result: dict, t_start: float) -> None:
     if result["plot"]:
         log(f"  plot:                    {result['plot']}")
     if run.data.flip_record and run.data.flip_record.get("flipped_pairs"):
-        log(f"  flipped pairs:           {os.path.join(args.output_dir, 'flipped_pairs.json')}")
-    if args.dump_pairs:
+        log(f"  flipped pairs:           {os.path.join(config.output_dir, 'flipped_pairs.json')}")
+    if config.dump_pairs:
         log(f"  per-pair dump:           {run.pairs_path}")
     if run.validator is not None:
         log(f"  validation images:       {run.validator.run(run.state.global_step, final=True)}")

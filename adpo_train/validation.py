@@ -27,25 +27,25 @@ DEFAULT_PROMPTS = [
 
 
 class Validator:
-    def __init__(self, args, unet, device, weight_dtype, trackers_of=lambda: []):
-        self.args, self.unet, self.device, self.dtype = args, unet, device, weight_dtype
-        self.prompts = args.validation_prompts or DEFAULT_PROMPTS
+    def __init__(self, config, unet, device, weight_dtype, trackers_of=lambda: []):
+        self.config, self.unet, self.device, self.dtype = config, unet, device, weight_dtype
+        self.prompts = config.validation_prompts or DEFAULT_PROMPTS
         self.trackers_of = trackers_of
         self.pipe = None
-        self.out_dir = os.path.join(args.output_dir, "validation")
+        self.out_dir = os.path.join(config.output_dir, "validation")
 
     def _pipeline(self):
         if self.pipe is None:
             from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
             kw = dict(local_files_only=True, use_safetensors=True, unet=self.unet, torch_dtype=self.dtype)
-            if self.args.variant:
-                kw["variant"] = self.args.variant
-            if self.args.pretrained_vae_model_name_or_path:  # the VAE the run encodes with
+            if self.config.variant:
+                kw["variant"] = self.config.variant
+            if self.config.pretrained_vae_model_name_or_path:  # the VAE the run encodes with
                 from .models import load_vae
 
-                kw["vae"] = load_vae(None, self.args.variant, self.args.pretrained_vae_model_name_or_path)
-            pipe = DiffusionPipeline.from_pretrained(self.args.pretrained_model_name_or_path, **kw)
+                kw["vae"] = load_vae(None, self.config.variant, self.config.pretrained_vae_model_name_or_path)
+            pipe = DiffusionPipeline.from_pretrained(self.config.pretrained_model_name_or_path, **kw)
             if hasattr(pipe, "safety_checker"):
                 pipe.safety_checker = None
             pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -54,12 +54,12 @@ class Validator:
         return self.pipe
 
     def _images(self, pipe) -> list:
-        res = self.args.validation_resolution or self.args.resolution
+        res = self.config.validation_resolution or self.config.resolution
         out = []
         for i, prompt in enumerate(self.prompts):
-            g = torch.Generator(device=self.device).manual_seed(self.args.seed + i)
-            out.append(pipe(prompt, num_inference_steps=self.args.validation_inference_steps, height=res,
-                            width=res, guidance_scale=self.args.validation_guidance_scale, generator=g).images[0])
+            g = torch.Generator(device=self.device).manual_seed(self.config.seed + i)
+            out.append(pipe(prompt, num_inference_steps=self.config.validation_inference_steps, height=res,
+                            width=res, guidance_scale=self.config.validation_guidance_scale, generator=g).images[0])
         return out
 
     def run(self, step: int, final: bool = False) -> str:
