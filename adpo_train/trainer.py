@@ -507,7 +507,7 @@ def _write_run_config(run: _Run, named) -> None:
     n_params = sum(p.numel() for _, p in named)
     if run.main_proc:
         with open(os.path.join(config.output_dir, "train_config.json"), "w") as f:
-            json.dump({"config": config.to_dict(),
+            json.dump({"args": config.to_dict(),
                        "beta": cfg.beta, "beta_convention": config.beta_convention,
                        "loss_config": dataclasses.asdict(cfg), "data": run.data.stats,
                        "lora_parameters": n_params}, f, indent=1, default=str)

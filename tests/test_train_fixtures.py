@@ -60,3 +60,20 @@ def run_trainer(argv):
     from adpo_train.trainer import train
 
     return train(resolve(build_parser().parse_args(list(argv) + FAST)))
+
+
+def toy_pipeline(model: str):
+    """``(pipe, sample)``: the toy model's ``StableDiffusionPipeline`` (local files only) and a function
+    that draws one fixed-seed 32 px image with it (two inference steps)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True, use_safetensors=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample():
+        return pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    return pipe, sample

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_train_fixtures import require_trainer_packages, toy_assets
+from tests.test_train_fixtures import require_trainer_packages, toy_assets, toy_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "adpo_train"]
@@ -68,8 +68,6 @@ def full_runs(tmp_path_factory):
 
 def test_fsdp_lora_resume_is_bit_identical_and_the_lora_loads_into_a_pipeline(tmp_path):
     require_trainer_packages()
-    from diffusers import StableDiffusionPipeline
-
     a = toy_assets()
     args = ["--pretrained_model_name_or_path", a["model"], "--latent_cache", a["cache"], "--learning_rate", "5e-3",
             "--distributed", "fsdp"]
@@ -78,14 +76,7 @@ def test_fsdp_lora_resume_is_bit_identical_and_the_lora_loads_into_a_pipeline(tm
     _assert_bit_identical(straight, resumed, "ema_annotators.safetensors")
     assert (resumed / "checkpoint-2" / "sharded" / ".metadata").is_file()  # DCP, every rank's shards
     assert (resumed / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()  # loadable in each checkpoint
-    pipe = StableDiffusionPipeline.from_pretrained(a["model"], local_files_only=True, use_safetensors=True,
-                                                   safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-
-    def sample():
-        return pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
-
+    pipe, sample = toy_pipeline(a["model"])
     base = sample()
     pipe.load_lora_weights(str(straight), weight_name="pytorch_lora_weights.safetensors")
     assert np.abs(sample() - base).max() > 1e-4, "the gathered LoRA must change the pipeline's output"

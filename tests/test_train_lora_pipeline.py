@@ -1,26 +1,15 @@
 """LoRA round trip: the trainer's weights load into a diffusers pipeline built from the tiny parts."""
 import numpy as np
-import pytest
-import torch
 
-from tests.test_train_fixtures import run_trainer, toy_assets
+from tests.test_train_fixtures import run_trainer, toy_assets, toy_pipeline
 
 
 def test_lora_round_trip_into_stable_diffusion_pipeline(tmp_path):
-    from diffusers import StableDiffusionPipeline
-
     a = toy_assets()
     res = run_trainer(["--pretrained_model_name_or_path", a["model"], "--latent_cache", a["cache"],
                        "--output_dir", str(tmp_path), "--train_batch_size", "4", "--max_train_steps", "3",
                        "--learning_rate", "5e-3", "--logging_steps", "3"])
-    pipe = StableDiffusionPipeline.from_pretrained(a["model"], local_files_only=True, use_safetensors=True,
-                                                   safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-
-    def sample():
-        return pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
-
+    pipe, sample = toy_pipeline(a["model"])
     base = sample()
     pipe.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
     lora = sample()

@@ -61,28 +61,19 @@ def test_two_process_ddp_and_fsdp_match_one_process_with_twice_the_pairs(tmp_pat
     one = torch.load(tmp_path / "rank0-of-1.pt", weights_only=False)
     # the two ranks' shares make up exactly the single process's batch, in order
     assert torch.equal(torch.cat([r["index"] for r in ranks]), one["index"])
-    for variant in VARIANTS:
-        want = {d: single[variant, d] for d in DTYPES}
-        got = {d: [r["results"][variant, d] for r in ranks] for d in DTYPES}
-        # DDP averages gradients over equal shares: the global loss is the mean of the local ones
-        ddp = {d: {"loss": (got[d][0]["loss"] + got[d][1]["loss"]) / 2,
-                   **{f: torch.cat([g[f] for g in got[d]]) for f in ("weights", "metric")}} for d in DTYPES}
-        for f in ("loss", "weights", "metric"):
-            assert_same_computation(ddp, want, f, f"{variant}: 2 processes vs 1")
-        assert not torch.allclose(want[F64]["weights"], torch.ones_like(want[F64]["weights"])), "annotators had no effect"
-        for r in range(2):  # every rank holds the all-reduced gradient
-            assert_same_computation({d: got[d][r] for d in DTYPES}, want, "grads", f"{variant}: rank {r} vs 1 process")
-    # FSDP (LoRA; full fine-tune with a sharded reference): the same loss, metric, weights, gathered gradients
-    # and gathered parameters after one AdamW step as one process with both shares
-    for variant, same_as in SAME_AS.items():
+    # DDP (swapped and mixed-batch annotators) and FSDP (LoRA; full fine-tune with a sharded reference) against
+    # one process with both shares: loss, metric, weights, the (all-reduced / gathered) gradients and the
+    # parameters after one AdamW step
+    for variant, same_as in [(v, v) for v in VARIANTS] + list(SAME_AS.items()):
         want = {d: single[same_as, d] for d in DTYPES}
         got = {d: [r["results"][variant, d] for r in ranks] for d in DTYPES}
-        fsdp = {d: {"loss": (got[d][0]["loss"] + got[d][1]["loss"]) / 2,
+        # gradients are averaged over equal shares: the global loss is the mean of the local ones
+        both = {d: {"loss": (got[d][0]["loss"] + got[d][1]["loss"]) / 2,
                     **{f: torch.cat([g[f] for g in got[d]]) for f in ("weights", "metric")}} for d in DTYPES}
         for f in ("loss", "weights", "metric"):
-            assert_same_computation(fsdp, want, f, f"{variant}: 2 processes vs 1")
+            assert_same_computation(both, want, f, f"{variant}: 2 processes vs 1")
         assert not torch.allclose(want[F64]["weights"], torch.ones_like(want[F64]["weights"])), "annotators had no effect"
-        for r in range(2):
+        for r in range(2):  # every rank holds the whole reduced gradient and updated parameters
             for f in ("grads", "params"):
                 assert_same_computation({d: got[d][r] for d in DTYPES}, want, f, f"{variant}: rank {r} vs 1 process")
     # the mixed-batch annotators give what the swapped-weight annotators give
