@@ -77,19 +77,28 @@ def plot_time(runs, path: str) -> Optional[str]:
             if j == 0:
                 ax.legend(fontsize=7)
         axes[i][1].annotate(_title(rs), xy=(0.5, 1.12), xycoords="axes fraction", ha="center", fontsize=9)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def _panels(runs, width: float, height: float):
+    """``(plt, fig, [(axes, rows of one run)])``: one panel per run, side by side."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(runs), figsize=(width * len(runs), height), squeeze=False)
+    return plt, fig, list(zip(axes[0], runs))
+
+
 def plot_gbps(runs, path: str) -> Optional[str]:
     if not runs:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.4), squeeze=False)
-    for i, rs in enumerate(runs):
-        ax = axes[0][i]
+    plt, fig, panels = _panels(runs, 6.5, 4.4)
+    for ax, rs in panels:
         ok = [r for r in rs if r.get("status") == "ok" and report._f(r, "gbps")]
         for p in report.LOSS_PROVIDERS:
             for mode in report.MODES:
@@ -110,10 +119,7 @@ def plot_gbps(runs, path: str) -> Optional[str]:
         ax.set_title(_title(rs), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_train(runs, path: str) -> Optional[str]:
@@ -121,20 +127,15 @@ def plot_train(runs, path: str) -> Optional[str]:
     runs = [rs for rs in runs if rs]
     if not runs:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 3.8), squeeze=False)
-    for i, rs in enumerate(runs):
-        ax = axes[0][i]
+    plt, fig, panels = _panels(runs, 6, 3.8)
+    for ax, rs in panels:
         names = [r.get("provider") or r.get("variant") or "?" for r in rs]
         ax.bar(range(len(rs)), [report._f(r, "pairs_per_s") for r in rs], color="tab:blue")
         ax.set_xticks(range(len(rs)))
         ax.set_xticklabels(names, fontsize=7, rotation=20)
         ax.set_ylabel("pairs/s")
         ax.set_title(_title(rs), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def render_all(outdir: Optional[str] = None, results_dir: Optional[str] = None) -> list[str]:
