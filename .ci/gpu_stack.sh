@@ -8,7 +8,8 @@
 #   2. every Triton kernel variant compiles natively for sm_90 with triton 3.6 (`_aot`, both cores:
 #      about 2 minutes with a cold Triton cache; ADPO_GPU_STACK_AOT=quick for a representative subset),
 #   3. the kernel tests pass in triton 3.6's interpreter,
-#   4. the trainer's smoke test passes with transformers 5.17 / accelerate 1.15,
+#   4. the trainer's smoke test passes with transformers 5.17 / accelerate 1.15, and its FSDP2 path
+#      (2 processes, bf16, DCP checkpoints) with torch 2.11,
 #   5. bench/gpu_check.sh runs as a dry run.
 # The venv is cached under $ADPO_CI_CACHE (default ~/.cache/adpo-ci) and brought to the pins below
 # when they change; a clean machine creates it (4.7 GB from the registry, 91 s on a quiet machine).
@@ -75,7 +76,8 @@ TRITON_INTERPRET=0 "$PY" -m adpo_kernels.triton._aot --arch 90 "${aot[@]}" | { g
 stage "kernel tests (triton 3.6 interpreter) and the trainer smoke test"
 TRITON_INTERPRET=1 TORCHINDUCTOR_CACHE_DIR=$CACHE/inductor-gpu-stack "$PY" -m pytest -q -p no:cacheprovider \
     -n 2 --durations=10 tests/test_triton.py tests/test_cuda_kernels.py tests/test_cpu_kernels.py tests/test_build.py \
-    tests/test_gpu_check.py "tests/test_train_toy.py::test_embedded_default_shortened"
+    tests/test_gpu_check.py "tests/test_train_toy.py::test_embedded_default_shortened" \
+    "tests/test_train_fsdp.py::test_fsdp_trains_in_bf16"
 
 # 5. the GPU check's dry run: the same steps and summary layout as on the GPU machine
 stage "bench/gpu_check.sh dry run"
