@@ -5,6 +5,9 @@ Read top to bottom, :func:`_train` builds the models (:func:`_build_models`), th
 ``prepare``, annotators, generators), resumes a checkpoint (:func:`_resume`), loops
 (:func:`_loop`: :func:`adpo_train.state.train_step` per micro-batch, then logging,
 checkpoints and stop requests in :func:`_after_step`) and saves (:func:`_finish`).
+With several processes the UNet is replicated (DDP through accelerate's ``prepare``) or, with
+``--distributed fsdp``, sharded first (:func:`_shard`, :mod:`adpo_train.fsdp`); checkpoints
+and the final export then go through DCP and gathered writes.
 
 One optimisation step, for a micro-batch of B pairs (rows stacked ``[winners; losers]``):
 
