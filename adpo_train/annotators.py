@@ -40,16 +40,28 @@ class EMAWeights:
         return [local(p) for p in self.params]
 
     @torch.no_grad()
-    def step(self) -> None:
-        """One EMA update of every copy from the current parameters (after an optimiser step)."""
-        live = self.marked(self.local())
-        for ema in self.emas:
-            ema.step(live)
+    def step(self, keep: Optional[torch.Tensor] = None) -> None:
+        """One EMA update of every copy from the current parameters (after an optimiser step), with
+        ``EMAModel``'s decay schedule and step count.  ``keep``: a 0-d bool tensor on the device; where
+        it is False the copies stay exactly as they are (``s + 0 * (p - s)``), without a host sync.
 
-    def marked(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``tensors`` flagged trainable like the parameters (``EMAModel`` copies, rather than averages,
-        what does not require grad)."""
-        return [t.detach().requires_grad_(rg) for t, rg in zip(tensors, self.trainable)]
+        The update ``s += (1 - decay) * keep * (p - s)`` runs in chunks of about :data:`CHUNK_BYTES`, so
+        its temporaries stay that small (``EMAModel``'s foreach update allocates a whole extra copy)."""
+        live = self.local()
+        keep = torch.ones((), dtype=torch.bool, device=live[0].device) if keep is None and live else keep
+        for ema in self.emas:
+            ema.optimization_step += 1
+            decay = ema.get_decay(ema.optimization_step)
+            ema.cur_decay_value = decay
+            for shadows, params, trainable in _chunks(ema.shadow_params, live, self.trainable):
+                if not trainable:  # EMAModel copies what is not trained
+                    torch._foreach_copy_(shadows, [torch.where(keep, p, s) for s, p in zip(shadows, params)])
+                    continue
+                weight = keep.to(shadows[0].dtype) * (1.0 - decay)
+                diff = torch._foreach_sub(params, shadows)
+                torch._foreach_mul_(diff, weight)
+                torch._foreach_add_(shadows, diff)
+
 
     # -- checkpointing (safetensors tensors + JSON scalars) ---------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -74,6 +86,23 @@ class EMAWeights:
             ema.optimization_step = int(meta["optimization_steps"][k])
 
 
+CHUNK_BYTES = 64 << 20  # the EMA update's temporaries, at most (one tensor may exceed it)
+
+
+def _chunks(shadows, params, trainable):
+    """``(shadows, params, trainable)`` in runs of one trainable flag, of about CHUNK_BYTES each."""
+    run_s, run_p, size, flag = [], [], 0, None
+    for s, p, t in zip(shadows, params, trainable):
+        if run_s and (t != flag or size >= CHUNK_BYTES):
+            yield run_s, run_p, flag
+            run_s, run_p, size = [], [], 0
+        run_s.append(s)
+        run_p.append(p)
+        size, flag = size + s.numel() * s.element_size(), t
+    if run_s:
+        yield run_s, run_p, flag
+
+
 class Annotators:
     """The interface the training step uses: EMA weights (:class:`EMAWeights`, held, not inherited)
     and one way to evaluate them, :meth:`predict_with_reference`.  Two strategies:
@@ -91,8 +120,8 @@ class Annotators:
     def __len__(self) -> int:
         return len(self.weights.emas)
 
-    def step(self) -> None:
-        self.weights.step()
+    def step(self, keep: Optional[torch.Tensor] = None) -> None:
+        self.weights.step(keep)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.weights.state_tensors()

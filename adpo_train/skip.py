@@ -10,8 +10,8 @@
   count lives on the host, so that costs a sync: fused is the default there).  Under fp16
   mixed precision accelerate's ``GradScaler`` owns ``found_inf``; a non-finite loss gives
   non-finite gradients, which it already skips (and it lowers its scale, as it should);
-* each EMA annotator is updated towards its own shadow weights, which leaves it exactly as
-  it was (``s - (1 - d) * (s - s) = s``);
+* each EMA annotator's update is multiplied by zero, which leaves it exactly as it was
+  (``s + 0 * (p - s) = s``; :meth:`adpo_train.annotators.EMAWeights.step`);
 * the host-side counters (the LR schedule, the EMA decay schedule, the global step) cannot
   see the flag without a sync, so the trainer reconciles them at its next host sync (every
   ``--logging_steps``): :func:`rewind` takes the skipped steps back, so they count towards
@@ -66,10 +66,7 @@ def optimizer_step(accel_optimizer, nonfinite: torch.Tensor) -> None:
 def ema_step(annotators, nonfinite: torch.Tensor) -> None:
     """One EMA update of every annotator (:class:`adpo_train.annotators.Annotators`, either strategy),
     a no-op (bit for bit) where ``nonfinite``."""
-    w = annotators.weights
-    live = w.local()  # this rank's shards under FSDP
-    for ema in annotators.emas:
-        ema.step(w.marked([torch.where(nonfinite, s, p) for s, p in zip(ema.shadow_params, live)]))
+    annotators.step(~nonfinite)
 
 
 def rewind(skipped: int, lr_scheduler, annotators, num_processes: int = 1) -> None:

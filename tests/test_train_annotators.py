@@ -106,3 +106,32 @@ def test_ema_matches_diffusers_emamodel_and_round_trips():
         assert all(torch.equal(a, b) for a, b in zip(e1.shadow_params, e2.shadow_params))
     with pytest.raises(ValueError, match="decays"):
         EMAAnnotators(params, names, [0.9]).load(state, {"decays": [0.9999, 0.5], "optimization_steps": [4, 4]})
+
+
+def test_ema_update_in_chunks_is_the_same_update(monkeypatch):
+    """The EMA update runs in chunks (bounded temporaries): any chunk size gives the same bits, and a
+    False ``keep`` leaves every copy exactly as it was."""
+    import adpo_train.annotators as A
+
+    results = []
+    for chunk in (A.CHUNK_BYTES, 1):  # one chunk; one tensor per chunk
+        monkeypatch.setattr(A, "CHUNK_BYTES", chunk)
+        unet, named = _unet_with_lora()
+        params = [p for _, p in named]
+        ann = A.EMAAnnotators(params, [n for n, _ in named], [0.9, 0.5])
+        g = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            with torch.no_grad():
+                for p in params:
+                    p.add_(0.01 * torch.randn(p.shape, generator=g))
+            ann.step()
+        before = [s.clone() for e in ann.emas for s in e.shadow_params]
+        with torch.no_grad():
+            for p in params:
+                p.add_(1.0)
+        ann.step(torch.tensor(False))
+        assert all(torch.equal(a, b) for a, b in zip(before, [s for e in ann.emas for s in e.shadow_params]))
+        results.append(before)
+        n = len(list(A._chunks(params, params, [True] * len(params))))
+        assert n == (1 if chunk > 1 else len(params)), (chunk, n)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
