@@ -62,7 +62,6 @@ class EMAWeights:
                 torch._foreach_mul_(diff, weight)
                 torch._foreach_add_(shadows, diff)
 
-
     # -- checkpointing (safetensors tensors + JSON scalars) ---------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"ema{k}.{name}": s.detach().contiguous().cpu()  # this rank's shards under FSDP

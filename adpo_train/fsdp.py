@@ -25,6 +25,7 @@ not handed to ``accelerator.prepare``):
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -34,10 +35,15 @@ SHARD_BLOCKS = ("ResnetBlock2D", "Transformer2DModel")
 DCP_FOLDER = "sharded"
 
 
-def is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
+@functools.cache
+def _dtensor_type():
+    from torch.distributed.tensor import DTensor  # imported on first use, not with the trainer
 
-    return isinstance(t, DTensor)
+    return DTensor
+
+
+def is_dtensor(t) -> bool:
+    return isinstance(t, _dtensor_type())
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -202,15 +208,10 @@ def load(path: str, unet, optimizer, annotators) -> None:
     ema_sd = ema_state(annotators)
     state = {"model": model_sd, "optim": optim_sd, "ema": ema_sd}
     dcp.load(state, checkpoint_id=path)
+    # the EMA DTensors share their storage with the shadows (as_dtensor): DCP has loaded them in place
     set_state_dict(unet, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen weights are not saved;
     # every trained one is: dcp.load above fails on a key missing from the checkpoint
-    if annotators is not None:
-        w = annotators.weights
-        with torch.no_grad():
-            for k, ema in enumerate(w.emas):
-                for name, s in zip(w.names, ema.shadow_params):
-                    s.copy_(local(state["ema"][f"ema{k}.{name}"]))
 
 
 def tensor_bytes(tensors) -> int:

@@ -136,7 +136,8 @@ def save_lora_diffusers(unet, out_dir: str, state_dict: Optional[dict] = None) -
     from peft.utils import get_peft_model_state_dict
 
     state = {k: v.detach().float().cpu().contiguous()
-             for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict)).items()}
+             for k, v in convert_state_dict_to_diffusers(
+                 get_peft_model_state_dict(unet, state_dict=state_dict)).items()}
     config = unet.peft_config["default"]
     kw = {}
     if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionLoraLoaderMixin.save_lora_weights).parameters:

@@ -113,9 +113,7 @@ class TrainState:
 
     @property
     def sharded_annotators(self) -> bool:
-        from .fsdp import is_dtensor
-
-        return self.annotators is not None and any(is_dtensor(p) for p in self.annotators.params)
+        return self.annotators is not None and any(fsdp.is_dtensor(p) for p in self.annotators.params)
 
     def rank_state(self) -> dict[str, torch.Tensor]:
         """This rank's own part: the VAE's sampling generator, the metric buffer, the corrupt pairs seen."""

@@ -49,8 +49,8 @@ from .models import (LORA_WEIGHT_NAME, add_lora, build_unet, load_lora_state_dic
 from .errors import Interrupted, RunCutShort, UserError
 
 MEMORY_FILE = "memory_per_rank.json"  # written at the end of a run: bytes each rank holds
-SCHEDULER_FILE = "lr_scheduler.pt"
-TRAIN_STATE_FILE = "custom_checkpoint_0.pkl"  # the TrainState, written by accelerate's checkpointing  # --distributed fsdp checkpoints (accelerate's save_state writes its own)
+SCHEDULER_FILE = "lr_scheduler.pt"  # --distributed fsdp checkpoints (accelerate's save_state writes its own)
+TRAIN_STATE_FILE = "custom_checkpoint_0.pkl"  # the TrainState, written by accelerate's checkpointing
 from .signals import StopRequest
 from .state import F, StepMetrics, StepOptions, TrainState, train_step
 from .step import StepModels, compile_unet
@@ -67,10 +67,12 @@ def _prepare_toy(config: TrainConfig, log) -> TrainConfig:
     data = os.path.join(root, "data", f"pick_a_pic_toy_{config.toy_pairs}.parquet")
     if not os.path.isfile(data):
         toy.write_toy_dataset(data, config.toy_pairs)
-    cache = os.path.join(root, f"cache-{pt}-{config.toy_pairs}-flip{config.inject_label_noise}-seed{config.flip_seed}")
+    cache = os.path.join(root, f"cache-{pt}-{config.toy_pairs}-flip{config.inject_label_noise}"
+                               f"-seed{config.flip_seed}")
     if not os.path.isfile(os.path.join(cache, "index.json")):
-        build_cache(model, data, cache, resolution=toy.RESOLUTION, batch_size=64, flip_ratio=config.inject_label_noise,
-                    flip_seed=config.flip_seed, max_pairs=config.max_train_samples, seed=config.seed, device="cpu", log=log)
+        build_cache(model, data, cache, resolution=toy.RESOLUTION, batch_size=64,
+                    flip_ratio=config.inject_label_noise, flip_seed=config.flip_seed,
+                    max_pairs=config.max_train_samples, seed=config.seed, device="cpu", log=log)
     return config.replace(pretrained_model_name_or_path=model, dataset_name=data, latent_cache=cache,
                         resolution=toy.RESOLUTION)
 
@@ -127,7 +129,7 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
     _check_distributed(config, accelerator, log)
     scheduler, unet, reference_unet, named = _build_models(config, device, weight_dtype, log)
     if config.distributed == "fsdp":
-        unet, reference_unet, named = _shard(config, accelerator, unet, reference_unet)
+        named = _shard(config, accelerator, unet, reference_unet)
     data = _build_data(config, accelerator, unet, weight_dtype, log)
     config = config.replace(resolution=data.resolution)  # a latent cache's or the synthetic UNet's
     sampler = PairBatchSampler(len(data.dataset), config.train_batch_size, config.seed, rank=accelerator.process_index,
@@ -196,8 +198,9 @@ def _prepare_inputs(config: TrainConfig, accelerator, log) -> TrainConfig:
         config = config.replace(latent_cache=os.path.join(config.output_dir, "latent_cache"))
         if main_proc:
             build_cache(config.pretrained_model_name_or_path, config.dataset_name, config.latent_cache,
-                        split=config.dataset_split_name, resolution=config.resolution, flip_ratio=config.inject_label_noise,
-                        flip_seed=config.flip_seed, max_pairs=config.max_train_samples, seed=config.seed,
+                        split=config.dataset_split_name, resolution=config.resolution,
+                        flip_ratio=config.inject_label_noise, flip_seed=config.flip_seed,
+                        max_pairs=config.max_train_samples, seed=config.seed,
                         device=_dev(accelerator.device), variant=config.variant, log=log, hflip=not config.no_hflip,
                         random_crop=config.random_crop, vae_path=config.pretrained_vae_model_name_or_path)
         accelerator.wait_for_everyone()
@@ -269,8 +272,8 @@ def _build_data(config: TrainConfig, accelerator, unet, weight_dtype, log) -> _D
     else:
         if not config.dataset_name:
             raise UserError("give --dataset_name or --latent_cache")
-        pairs = PickAPicPairs(config.dataset_name, config.dataset_split_name, config.inject_label_noise, config.flip_seed,
-                              config.max_train_samples)
+        pairs = PickAPicPairs(config.dataset_name, config.dataset_split_name, config.inject_label_noise,
+                              config.flip_seed, config.max_train_samples)
         vae = load_vae(config.pretrained_model_name_or_path, config.variant,
                        config.pretrained_vae_model_name_or_path).to(device, dtype=weight_dtype)
         text_encoder = load_text_encoders(config.pretrained_model_name_or_path, config.variant).to(device, weight_dtype)
@@ -299,7 +302,8 @@ def _optimizer(config: TrainConfig, params: list, accelerator, num_training_step
 
         adamw, fused = bnb.optim.AdamW8bit, False
     optimizer = adamw(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
-                      weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, **({"fused": True} if fused else {}))
+                      weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+                      **({"fused": True} if fused else {}))
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=num_training_steps * accelerator.num_processes,
@@ -370,7 +374,7 @@ def _load_weights(accelerator, full_finetune: bool, models, input_dir) -> None:
 
 def _shard(config: TrainConfig, accelerator, unet, reference_unet):
     """--distributed fsdp: the UNet (and a full fine-tune's reference) sharded over every process; returns
-    ``(unet, reference, [(name, trained parameter)])`` (the parameters are now DTensors)."""
+    the trained ``[(name, parameter)]`` (the modules are sharded in place; the parameters are now DTensors)."""
     from . import fsdp
 
     mesh = fsdp.device_mesh(accelerator.device)
@@ -378,7 +382,7 @@ def _shard(config: TrainConfig, accelerator, unet, reference_unet):
     fsdp.shard_unet(unet, mesh, policy)
     if reference_unet is not None:
         fsdp.shard_unet(reference_unet, mesh, policy)
-    return unet, reference_unet, [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    return [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
 
 
 def _build_annotators(config: TrainConfig, cfg, base_unet, named, log):
@@ -771,7 +775,8 @@ def _export(run: _Run, result: dict) -> None:
             save_lora_diffusers(st.models.base, config.output_dir, full)
     if st.annotators is None:
         return
-    path, meta = os.path.join(config.output_dir, "ema_annotators.safetensors"), {"decays": json.dumps(st.annotators.decays)}
+    path = os.path.join(config.output_dir, "ema_annotators.safetensors")
+    meta = {"decays": json.dumps(st.annotators.decays)}
     if run.sharded:
         fsdp.save_gathered(path, fsdp.ema_state(st.annotators), main, meta)
     elif main:

@@ -62,6 +62,13 @@ def run_trainer(argv):
     return train(resolve(build_parser().parse_args(list(argv) + FAST)))
 
 
+def train_on_toy_cache(out_dir, *flags: str):
+    """:func:`run_trainer` on the toy model and its latent cache, 4 pairs per batch, into ``out_dir``."""
+    a = toy_assets()
+    return run_trainer(["--pretrained_model_name_or_path", a["model"], "--latent_cache", a["cache"],
+                        "--output_dir", str(out_dir), "--train_batch_size", "4", *flags])
+
+
 def toy_pipeline(model: str):
     """``(pipe, sample)``: the toy model's ``StableDiffusionPipeline`` (local files only) and a function
     that draws one fixed-seed 32 px image with it (two inference steps)."""

@@ -1,14 +1,12 @@
 """LoRA round trip: the trainer's weights load into a diffusers pipeline built from the tiny parts."""
 import numpy as np
 
-from tests.test_train_fixtures import run_trainer, toy_assets, toy_pipeline
+from tests.test_train_fixtures import toy_assets, toy_pipeline, train_on_toy_cache
 
 
 def test_lora_round_trip_into_stable_diffusion_pipeline(tmp_path):
     a = toy_assets()
-    res = run_trainer(["--pretrained_model_name_or_path", a["model"], "--latent_cache", a["cache"],
-                       "--output_dir", str(tmp_path), "--train_batch_size", "4", "--max_train_steps", "3",
-                       "--learning_rate", "5e-3", "--logging_steps", "3"])
+    res = train_on_toy_cache(tmp_path, "--max_train_steps", "3", "--learning_rate", "5e-3", "--logging_steps", "3")
     pipe, sample = toy_pipeline(a["model"])
     base = sample()
     pipe.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")

@@ -7,22 +7,19 @@ import os
 import pytest
 import torch
 
-from tests.test_train_fixtures import run_trainer, toy_assets
+from tests.test_train_fixtures import run_trainer, toy_assets, train_on_toy_cache
 
 
 def test_full_finetune_reference_copy_and_ema_over_all_parameters(tmp_path):
     from safetensors.torch import load_file
 
-    a = toy_assets()
-    res = run_trainer(["--pretrained_model_name_or_path", a["model"], "--latent_cache", a["cache"],
-                       "--output_dir", str(tmp_path), "--train_batch_size", "4", "--max_train_steps", "3",
-                       "--logging_steps", "3", "--ema_warmup_steps", "1", "--full_finetune",
-                       "--learning_rate", "1e-4", "--checkpointing_steps", "2"])
+    res = train_on_toy_cache(tmp_path, "--max_train_steps", "3", "--logging_steps", "3", "--ema_warmup_steps", "1",
+                             "--full_finetune", "--learning_rate", "1e-4", "--checkpointing_steps", "2")
     assert res["global_step"] == 3
     from diffusers import UNet2DConditionModel
 
     trained = UNet2DConditionModel.from_pretrained(res["unet"])
-    base = UNet2DConditionModel.from_pretrained(a["model"], subfolder="unet")
+    base = UNet2DConditionModel.from_pretrained(toy_assets()["model"], subfolder="unet")
     moved = [n for (n, p), (_, q) in zip(trained.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
     assert len(moved) > 0.9 * len(list(base.parameters()))  # (nearly) every parameter trains
     ema = load_file(str(tmp_path / "ema_annotators.safetensors"))

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.test_train_fixtures import run_trainer, toy_assets
+from tests.test_train_fixtures import train_on_toy_cache
 
 
 def _optimizer(fused: bool):
@@ -93,10 +93,8 @@ def test_trainer_counts_and_takes_back_a_nonfinite_step(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(StepModels, "loss", loss_nan_once)
-    a = toy_assets()
-    res = run_trainer(["--pretrained_model_name_or_path", a["model"], "--latent_cache", a["cache"],
-                       "--output_dir", str(tmp_path), "--train_batch_size", "4", "--max_train_steps", "4",
-                       "--logging_steps", "2", "--ema_decays", "0.9", "--ema_warmup_steps", "0"])
+    res = train_on_toy_cache(tmp_path, "--max_train_steps", "4", "--logging_steps", "2", "--ema_decays", "0.9",
+                             "--ema_warmup_steps", "0")
     assert res["global_step"] == 4
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 4]  # step 2 was taken back and logged again at the next sync

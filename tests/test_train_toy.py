@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.test_train_fixtures import FAST, root, run_trainer, toy_assets
+from tests.test_train_fixtures import FAST, root, run_trainer, toy_assets, train_on_toy_cache
 
 
 def test_embedded_default_shortened(tmp_path, capsys):
@@ -52,10 +52,8 @@ def test_train_from_images_with_corrupt_pair(tmp_path):
 
 def test_plain_dpo_and_v_prediction(tmp_path):
     """--preset dpo (no annotators) on a v-prediction scheduler override."""
-    a = toy_assets()
-    res = run_trainer(["--pretrained_model_name_or_path", a["model"], "--latent_cache", a["cache"],
-                       "--output_dir", str(tmp_path), "--train_batch_size", "4", "--max_train_steps", "2",
-                       "--preset", "dpo", "--prediction_type", "v_prediction", "--logging_steps", "1"])
+    res = train_on_toy_cache(tmp_path, "--max_train_steps", "2", "--preset", "dpo", "--prediction_type",
+                             "v_prediction", "--logging_steps", "1")
     assert res["global_step"] == 2
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert all(r["weight_mean"] == 1.0 and r["metric_mean"] == 0.0 for r in rows)
