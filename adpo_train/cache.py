@@ -54,8 +54,9 @@ from .errors import UserError
 BUILD_RECORD = "build.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # build.json key -> the flag that sets it (named when a rerun's arguments differ from the partial build's)
-FLAGS = {"model": "--pretrained_model_name_or_path", "model_fingerprint": "--pretrained_model_name_or_path",
-         "vae": "--pretrained_vae_model_name_or_path", "dataset": "--dataset_name",
+FLAGS = {"model": "--pretrained_model_name_or_path", "vae": "--pretrained_vae_model_name_or_path",
+         "model_fingerprint": "--pretrained_model_name_or_path (its VAE/text encoder files changed)",
+         "dataset": "--dataset_name",
          "dataset_files": "--dataset_name (its files changed)", "split": "--dataset_split_name",
          "resolution": "--resolution", "batch_size": "--batch_size", "shard_size": "--shard_size",
          "flip_ratio": "--inject_label_noise", "flip_seed": "--flip_seed", "max_pairs": "--max_train_samples",
@@ -260,22 +261,23 @@ def _build(group: _Group, model_path, dataset_path, out_dir, *, split, resolutio
                      batch_size=batch_size, shard_size=shard_size, flip_ratio=flip_ratio, flip_seed=flip_seed,
                      max_pairs=max_pairs, seed=seed, dtype=dtype, hflip=hflip, random_crop=random_crop,
                      dedup_text=dedup_text)
+    store_dtype = DTYPES[dtype]
+    vae = load_vae(model_path, variant, vae_path).to(device)  # before the .tmp: a bad model folder leaves none
+    encoders = load_text_encoders(model_path, variant).to(device)
     tmp = out_dir.rstrip("/") + ".tmp"
     error = None
     if group.rank == 0:
         try:
             tmp = safedir.begin(out_dir, "--latent_cache", "latent cache", keep=not restart)
-            if not os.path.isfile(os.path.join(tmp, BUILD_RECORD)):
-                if len(os.listdir(tmp)) > 1:  # ours, but of unknown arguments (an older version's): start over
+            done = [n for n in os.listdir(tmp) if n.endswith(".safetensors")]
+            if not done or not os.path.isfile(os.path.join(tmp, BUILD_RECORD)):
+                if len(os.listdir(tmp)) > 1:  # nothing encoded yet, or of unknown arguments: start over
                     tmp = safedir.begin(out_dir, "--latent_cache", "latent cache", keep=False)
                 _write_json(os.path.join(tmp, BUILD_RECORD), record)
             error = _check_record(tmp, record)
         except UserError as e:
             error = str(e)
     group.raise_if(error)
-    store_dtype = DTYPES[dtype]
-    vae = load_vae(model_path, variant, vae_path).to(device)
-    encoders = load_text_encoders(model_path, variant).to(device)
     n_text, n_pair = -(-len(texts) // shard_size), -(-len(pairs) // shard_size)
     units = [("text", t) for t in range(n_text)] + [("pairs", k) for k in range(n_pair)]
     names = {u: f"{'text' if u[0] == 'text' else 'shard'}-{u[1]:05d}.safetensors" for u in units}
@@ -304,7 +306,7 @@ def _build(group: _Group, model_path, dataset_path, out_dir, *, split, resolutio
     if group.rank == 0:
         log(f"cache: {meta['num_pairs']} pairs in {len(meta['shards'])} shard(s) + {len(meta['text_shards'])} text "
             f"shard(s) ({meta['num_texts']} texts) at {out_dir} ({meta['num_ties']} ties dropped, "
-            f"{meta['num_bad_labels']} bad labels and {meta['num_corrupt']} corrupt pairs skipped, "
+            f"{meta['num_corrupt']} corrupt pairs skipped, {meta['num_bad_labels']} bad labels skipped, "
             f"{len(meta['flipped_pairs'])} flipped) in {dt:.1f}s ({len(pairs) / max(dt, 1e-9):.1f} pairs/s over "
             f"{group.world} process(es)); {meta['bytes'] / 2**20:.1f} MiB, {meta['bytes_per_pair']:.0f} bytes/pair")
     return meta

@@ -40,7 +40,7 @@ def _reason(exc: BaseException) -> str:
 def _split_files(path: str, split: str) -> list[str]:
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
                    if f.endswith((".parquet", ".arrow")))
-    pat = re.compile(rf"^{re.escape(split)}([-_.]|$)")
+    pat = re.compile(rf"^{re.escape(split)}[-.]")
     in_split = [f for f in files if split in os.path.relpath(f, path).split(os.sep)[:-1]
                 or pat.match(os.path.basename(f))]
     return in_split or files
