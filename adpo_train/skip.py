@@ -5,9 +5,13 @@
 * the optimiser changes nothing: parameters (weight decay included), both Adam moments and
   the step count.  ``AdamW(fused=True)`` takes the flag as ``found_inf`` (the mechanism
   ``torch.amp.GradScaler`` uses; the fused kernel skips the update and undoes its step
-  increment on the device).  Other AdamW implementations reject ``found_inf``: their
-  parameters and state are snapshotted and put back with ``torch.where`` (on CUDA their step
-  count lives on the host, so that costs a sync: fused is the default there).  Under fp16
+  increment on the device; torch >= 2.4 has the same on the CPU).  Other AdamW implementations
+  reject ``found_inf``.  On the CPU (the trainer's default there is the for-loop AdamW, whose
+  bits the published loop shares; the fused CPU kernel rounds differently) the flag is already
+  computed when it is read, so reading it costs no sync: a finite step is a plain ``step()``,
+  a skipped one does not call it.  On a GPU their parameters and state are snapshotted and put
+  back with ``torch.where`` (their step count lives on the host, so that costs a sync and two
+  copies of everything trained: fused is the default there).  Under fp16
   mixed precision accelerate's ``GradScaler`` owns ``found_inf``; a non-finite loss gives
   non-finite gradients, which it already skips (and it lowers its scale, as it should);
 * each EMA annotator's update is multiplied by zero, which leaves it exactly as it was
@@ -47,6 +51,18 @@ def optimizer_step(accel_optimizer, nonfinite: torch.Tensor) -> None:
         finally:
             del raw.found_inf
         return
+    if nonfinite.device.type == "cpu":
+        # the CPU computed the flag already: reading it waits for nothing, and a finite step then costs
+        # exactly a step (the snapshot below cost ~2x the optimiser step in copies).  The flag agrees on
+        # every rank (it includes the all-reduced gradient norm), so every rank takes the same branch.
+        if not bool(nonfinite):
+            accel_optimizer.step()
+        return
+    _step_and_restore(accel_optimizer, raw, nonfinite)
+
+
+def _step_and_restore(accel_optimizer, raw, nonfinite: torch.Tensor) -> None:
+    """Step, then put the snapshot of parameters and state back where ``nonfinite`` (no host read)."""
     # under FSDP parameters and state are DTensors: their local shards are put back, rank by rank
     params = [p for g in raw.param_groups for p in g["params"] if p.grad is not None]
     before = [local(p).clone() for p in params]

@@ -152,21 +152,18 @@ def measure_sharded(spec: str, full_finetune: bool, rank: int, annotators: int, 
     after one step of ``spec`` in fp32 (see the module docstring)."""
     import json
     import os
-    import subprocess
-    import sys
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="adpo-bench-memory-") as out:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "-m", "adpo_train", "--unet_config", spec, "--synthetic_pairs", str(2 * processes),
-               "--train_batch_size", "1", "--max_train_steps", "1", "--distributed", "fsdp", "--rank", str(rank),
-               "--ema_decays", *["0.5"] * annotators, "--ema_warmup_steps", "0", "--output_dir", out, "--quiet",
-               "--no_plot", "--report_to", "jsonl", "--checkpointing_steps", "100"] + (
-                   ["--full_finetune"] if full_finetune else [])
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"the FSDP measurement run failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    from .launch import torchrun
+
+    with tempfile.TemporaryDirectory(prefix="adpo-bench-memory-") as tmp:
+        out = os.path.join(tmp, "run")
+        argv = ["-m", "adpo_train", "--unet_config", spec, "--synthetic_pairs", str(2 * processes),
+                "--train_batch_size", "1", "--max_train_steps", "1", "--distributed", "fsdp", "--rank", str(rank),
+                "--ema_decays", *["0.5"] * annotators, "--ema_warmup_steps", "0", "--output_dir", out,
+                "--quiet", "--no_plot", "--report_to", "jsonl", "--checkpointing_steps",
+                "100"] + (["--full_finetune"] if full_finetune else [])
+        torchrun(argv, os.path.join(tmp, "logs"), nproc=processes)  # raises with each rank's first error
         with open(os.path.join(out, "memory_per_rank.json")) as f:
             m = json.load(f)["ranks"][0]
     trainable = 2 * m["trained_param_bytes"] + m["optimizer_state_bytes"]  # + gradients (see docstring)

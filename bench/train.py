@@ -16,6 +16,9 @@ Variants (same shapes, same random-init weights, in one run):
 ``adaptive``          the same with two EMA annotators (LoRA-only EMA swapped in place).
 ``adaptive-batched``  the same with the reference and both annotators in one mixed-batch forward
                       (:class:`adpo_train.annotators.MixedBatchAnnotators`).
+``adaptive-noskip``   ``adaptive`` without the skip machinery: a plain ``optimizer.step()`` and EMA update in
+                      place of :func:`adpo_train.skip.optimizer_step` / ``ema_step`` (what the skip of a
+                      non-finite step costs a finite one: ``adaptive`` minus this; CPU default only).
 ``adaptive-k0``       Adaptive-DPO without annotators (``m = 1 - sigmoid(rho z)``, spec section 4): the
                       paper's loss options, no EMA (docs/method-study.md, "Are the annotators worth it").
 
@@ -50,7 +53,7 @@ COLUMNS = ["bench", "suite", "variant", "status", "reason", "unet", "pairs", "la
            "compiled", "annotators", "pairs_per_s", "step_ms", "p10_ms", "p90_ms", "steps", "first_step_s",
            "flops_per_step", "tflops", "mfu", "peak_mem_gb", "speedup_vs_baseline", "mem_vs_baseline",
            "time_vs_dpo", "flops_vs_dpo"]
-VARIANTS = ("baseline", "dpo", "adaptive", "adaptive-batched", "adaptive-k0")
+VARIANTS = ("baseline", "dpo", "adaptive", "adaptive-batched", "adaptive-k0", "adaptive-noskip")
 # On CUDA the compiled variants run in this order so that "dpo" reuses "adaptive"'s compiled graphs
 GPU_ORDER = ("baseline", "adaptive", "dpo", "adaptive-batched", "adaptive-k0")
 SUITES = {
@@ -283,8 +286,22 @@ class TrainerStep:
     def __call__(self):
         from adpo_train.state import train_step
 
-        train_step(self.state, self.batch)
+        with self._without_skip() if self.variant == "adaptive-noskip" else contextlib.nullcontext():
+            train_step(self.state, self.batch)
         return None
+
+    @contextlib.contextmanager
+    def _without_skip(self):
+        """``train_step`` with the optimiser and EMA steps unconditional (the skip's cost, by difference)."""
+        from adpo_train import skip
+
+        saved = skip.optimizer_step, skip.ema_step
+        skip.optimizer_step = lambda opt, nonfinite: opt.step()
+        skip.ema_step = lambda annotators, nonfinite: annotators.step()
+        try:
+            yield
+        finally:
+            skip.optimizer_step, skip.ema_step = saved
 
     def static_bytes(self) -> int:
         ts = list(self.unet.parameters())

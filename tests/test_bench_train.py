@@ -12,7 +12,7 @@ def test_train_benchmark_cpu_smoke(tmp_path):
         ["train", "--device", "cpu", "--quick", "--steps", "1", "--warmup", "1", "--results-dir", str(tmp_path)]),
         log=lambda *a: None)
     assert [r["variant"] for r in rows] == ["baseline", "dpo", "adaptive", "adaptive-batched",
-                                                  "adaptive-k0"]
+                                                  "adaptive-k0", "adaptive-noskip"]
     for r in rows:
         assert r["status"] == "ok", r
         assert r["pairs_per_s"] > 0 and r["step_ms"] > 0 and r["peak_mem_gb"] > 0
@@ -27,7 +27,9 @@ def test_train_benchmark_cpu_smoke(tmp_path):
     # each ratio compares the right rows, in the right direction, in the measured columns
     for r in rows:
         assert r["pairs"] == 8 and math.isclose(r["pairs_per_s"], 8 / (r["step_ms"] / 1e3), rel_tol=1e-6), r
-    for v in ("dpo", "adaptive", "adaptive-batched", "adaptive-k0"):
+    # without the skip machinery the step computes the same (the skip adds no matmul or conv)
+    assert by["adaptive-noskip"]["flops_per_step"] == by["adaptive"]["flops_per_step"]
+    for v in ("dpo", "adaptive", "adaptive-batched", "adaptive-k0", "adaptive-noskip"):
         r, base, dpo = by[v], by["baseline"], by["dpo"]
         assert math.isclose(r["speedup_vs_baseline"], base["step_ms"] / r["step_ms"], rel_tol=1e-6), r
         assert math.isclose(r["mem_vs_baseline"] * base["peak_mem_gb"], r["peak_mem_gb"], rel_tol=1e-6), r

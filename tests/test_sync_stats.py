@@ -1,25 +1,17 @@
 """sync_stats: P processes with B/P pairs each reproduce one process with B pairs."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import adpo_kernels as ak
 
+from bench.launch import torchrun
+
 from .dist_worker import CONFIGS, local_slice
 from .utils import assert_close, make_inputs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _torchrun(tmp_path, splits):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tests.dist_worker", str(tmp_path), splits]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(["-m", "tests.dist_worker", str(tmp_path), splits], tmp_path / "logs", timeout=300)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

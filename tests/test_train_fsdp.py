@@ -12,29 +12,31 @@ parameters) is tested in tests/test_train_scale_ddp.py, next to DDP's.
 """
 import json
 import os
-import subprocess
-import sys
 import types
 
 import numpy as np
 import pytest
 import torch
 
+from bench.launch import torchrun
 from tests.test_train_fixtures import require_trainer_packages, toy_assets, toy_pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "adpo_train"]
+TORCHRUN = ["-m", "adpo_train"]
 COMMON = ["--train_batch_size", "2", "--logging_steps", "2", "--checkpointing_steps", "2", "--sync_batch_stats",
           "--ema_warmup_steps", "1", "--max_train_steps", "4", "--quiet", "--no_plot", "--report_to", "jsonl"]
 FULL = ["--unet_config", "tiny", "--synthetic_pairs", "16", "--full_finetune"]
 
 
+def _logs(out_dir):
+    """A fresh folder for the ranks' logs of one run writing to ``out_dir``."""
+    n = 0
+    while os.path.exists(f"{out_dir}-logs{n}"):
+        n += 1
+    return f"{out_dir}-logs{n}"
+
+
 def _torchrun(args, out_dir):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.run(TORCHRUN + COMMON + args + ["--output_dir", str(out_dir)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return torchrun(TORCHRUN + COMMON + args + ["--output_dir", str(out_dir)], _logs(out_dir)).stdout
 
 
 def _straight_and_resumed(tmp_path, args):
@@ -160,10 +162,8 @@ def test_a_sharded_checkpoint_resumes_only_sharded(full_runs, tmp_path):
     _, resumed, _ = full_runs
     out = tmp_path / "run"
     shutil.copytree(resumed, out)
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.run(TORCHRUN + COMMON + FULL + ["--output_dir", str(out), "--resume_from_checkpoint",
-                                                       "checkpoint-2"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = torchrun(TORCHRUN + COMMON + FULL + ["--output_dir", str(out), "--resume_from_checkpoint",
+                                                "checkpoint-2"], _logs(out), check=False)
     assert proc.returncode != 0
     assert "--distributed fsdp; resume it with the same" in proc.stdout + proc.stderr
 

@@ -11,15 +11,11 @@ twins must agree to float32's measured error of the same comparison scaled down 
 magnitude; the float32 gradients of one side may be at most a few times further from their
 float64 twins than the other side's (the same computation in the same dtype).
 """
-import os
-import subprocess
-import sys
-
 import torch
 
+from bench.launch import torchrun
 from tests.test_train_fixtures import require_trainer_packages
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = 3
 F32, F64 = torch.float32, torch.float64
 EPS32, EPS64 = torch.finfo(F32).eps, torch.finfo(F64).eps
@@ -49,11 +45,7 @@ def assert_same_computation(a, b, what, msg):
 
 def test_two_process_ddp_and_fsdp_match_one_process_with_twice_the_pairs(tmp_path):
     require_trainer_packages()
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tests.train_scale_dist_worker", str(tmp_path), str(B)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(["-m", "tests.train_scale_dist_worker", str(tmp_path), str(B)], tmp_path / "logs")
     from tests.train_scale_dist_worker import DTYPES, SAME_AS, VARIANTS, run
 
     single = run(str(tmp_path), 2 * B)
@@ -88,15 +80,13 @@ def test_trainer_runs_under_torchrun_with_two_processes_and_resumes(tmp_path):
     import json
 
     require_trainer_packages()
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "adpo_train",
+    base = ["-m", "adpo_train",
             "--unet_config", "tiny", "--synthetic_pairs", "16", "--train_batch_size", "2", "--logging_steps", "2",
             "--checkpointing_steps", "2", "--sync_batch_stats", "--ema_warmup_steps", "1", "--output_dir",
             str(tmp_path), "--quiet", "--no_plot", "--report_to", "jsonl"]
-    for steps, extra in (("4", ["--stop_after_steps", "2"]), ("4", ["--resume_from_checkpoint", "latest"])):
-        proc = subprocess.run(base + ["--max_train_steps", steps] + extra, cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for i, extra in enumerate((["--stop_after_steps", "2"], ["--resume_from_checkpoint", "latest"])):
+        proc = torchrun(base + ["--max_train_steps", "4"] + extra, tmp_path.parent / f"{tmp_path.name}-logs{i}",
+                        timeout=300)
     assert "4 batches/epoch of 2 pairs" in proc.stdout  # 16 pairs / (2 pairs x 2 processes)
     assert "resumed from" in proc.stdout and "x 2 processes" in proc.stdout
     ck = tmp_path / "checkpoint-2"

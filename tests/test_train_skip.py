@@ -19,12 +19,22 @@ def _snapshot(params, opt):
     return [p.detach().clone() for p in params] + [v.clone() for p in params for v in opt.state[p].values()]
 
 
-@pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
-def test_optimizer_step_skipped_bit_for_bit(fused, first):
+def _restoring_step(opt, nonfinite):
     from adpo_train import skip
 
-    params, opt = _optimizer(fused)
+    skip._step_and_restore(opt, opt, nonfinite)
+
+
+@pytest.mark.parametrize("fused", [True, False, "restore"], ids=["fused", "cpu-read", "snapshot-restore"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
+def test_optimizer_step_skipped_bit_for_bit(fused, first, monkeypatch):
+    """fused: found_inf; cpu-read: the flag read on the CPU; snapshot-restore: the GPU path (non-fused
+    AdamW off the CPU), called directly."""
+    from adpo_train import skip
+
+    if fused == "restore":
+        monkeypatch.setattr(skip, "optimizer_step", _restoring_step)
+    params, opt = _optimizer(fused is True)
     if not first:  # momentum and weight decay would move the weights even with zero gradients
         for p in params:
             p.grad = torch.randn_like(p)

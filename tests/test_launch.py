@@ -1,0 +1,46 @@
+"""bench.launch.torchrun: every rank's output in its own log, each rank's first error in the failure."""
+import pytest
+
+from bench.launch import RanksFailed, first_error, torchrun
+
+# Rank 1 fails at once; rank 0 would run long and is killed by torchrun (its log has no error).
+WORKER = """
+import os, sys, time
+rank = int(os.environ["RANK"])
+print(f"hello from rank {rank}", flush=True)
+if rank == 1:
+    print("some noise on stderr", file=sys.stderr, flush=True)
+    if sys.argv[1] == "raise":
+        raise ValueError("boom on rank 1")
+    os.abort()  # what a C++ std::terminate does
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how, want", [("raise", "ValueError: boom on rank 1"),
+                                       ("abort", "Fatal Python error: Aborted")])
+def test_a_failing_rank_is_quoted_with_its_first_error(tmp_path, how, want):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    with pytest.raises(RanksFailed) as e:
+        torchrun([str(script), how], tmp_path / "logs", timeout=120)
+    msg = str(e.value)
+    one = msg[msg.index("--- rank 1"):msg.index("--- launcher")]
+    assert "first error:" in one and want in one and "some noise" not in one, msg
+    assert "--- rank 0" in msg and "no error in its log" in msg.split("--- rank 1")[0], msg
+
+
+def test_success_returns_every_rank_s_output(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text("import os; print('hello from rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])\n")
+    res = torchrun([str(script)], tmp_path / "logs", timeout=120)
+    assert res.returncode == 0
+    assert "hello from rank 0 of 2" in res.stdout and "hello from rank 1 of 2" in res.stdout
+    assert len(res.logs) == 2 and res.logs[0] != res.logs[1]
+
+
+def test_first_error_finds_the_start_of_each_kind():
+    assert first_error("ok\nstill ok\n") == ""
+    assert first_error("x\nterminate called without an active exception\nmore").startswith("terminate called")
+    assert first_error("a\nTraceback (most recent call last):\n  f\nE: b").startswith("Traceback")
+    assert first_error("adpo-train: error: --rank must be > 0\n").startswith("adpo-train: error: --rank")
