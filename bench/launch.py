@@ -29,8 +29,10 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The start of an error in a rank's log: a Python traceback, a C++ exception escaping to std::terminate
 # (gloo's "terminate called without an active exception"), a fatal-signal report of faulthandler or
-# the C runtime, or a one-line error a CLI prints instead of a traceback.
-FIRST_ERROR = re.compile(r"^(Traceback \(most recent call last\)|terminate called|\s*what\(\):|Fatal Python error"
+# the C runtime, or a one-line error a CLI prints instead of a traceback; torchrun may prefix a rank's
+# lines with "[rank0]:".
+FIRST_ERROR = re.compile(r"^(?:\[(?:rank|default)\d+\]: ?)?"
+                         r"(Traceback \(most recent call last\)|terminate called|\s*what\(\):|Fatal Python error"
                          r"|Aborted|Segmentation fault|\*\*\* |[\w.-]*: error: )", re.M)
 # A rendezvous that never formed: the only failure that is retried (nothing of the run has started).
 RENDEZVOUS_FAILED = re.compile(r"EADDRINUSE|[Aa]ddress already in use|RendezvousConnectionError|"

@@ -44,3 +44,6 @@ def test_first_error_finds_the_start_of_each_kind():
     assert first_error("x\nterminate called without an active exception\nmore").startswith("terminate called")
     assert first_error("a\nTraceback (most recent call last):\n  f\nE: b").startswith("Traceback")
     assert first_error("adpo-train: error: --rank must be > 0\n").startswith("adpo-train: error: --rank")
+    # torchrun's "[rank0]:" line prefix (an uncaught exception in a rank under --redirects)
+    assert first_error("[rank0]: x\n[rank0]: Traceback (most recent call last):\n[rank0]:   f\n").startswith(
+        "[rank0]: Traceback")
