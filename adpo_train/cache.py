@@ -103,6 +103,11 @@ class _Group:
         if error:
             raise UserError(error)
 
+    def barrier(self) -> None:
+        """Wait until every rank is here (rank 0 reads the others' shards only after)."""
+        if self.world > 1:
+            self.dist.barrier()
+
     def close(self) -> None:
         if self.owned:
             self.dist.destroy_process_group()
@@ -291,6 +296,7 @@ def _build(group: _Group, model_path, dataset_path, out_dir, *, split, resolutio
     _encode_pairs(tmp, [u[1] for u in todo if u[0] == "pairs"], pairs, text_ids, shard_size, batch_size, vae,
                   encoders.sdxl, store_dtype, seed, resolution, hflip, random_crop, num_workers, device,
                   progress and group.rank == 0, group.world)
+    group.barrier()  # every rank's shards are renamed into place before rank 0 lists them
     meta, error = None, None
     if group.rank == 0:
         try:
