@@ -2,8 +2,8 @@
 
 Nothing here holds the dataset: :func:`open_source` lists its blocks from file metadata, the
 index of kept pairs is built from the ``label_0`` column alone (one block at a time), and the
-image bytes of a pair are read on demand with the rest of their block, memory-mapped, into a
-small bounded LRU (:class:`BlockReader`, ``BLOCK_CACHE`` blocks per process).  Peak memory is
+image bytes of a pair are read on demand with the rest of their block (parquet: buffered reads;
+arrow: memory-mapped, the map closed with the file's last cached block) into a small bounded LRU (:class:`BlockReader`, ``BLOCK_CACHE`` blocks per process).  Peak memory is
 therefore ``BLOCK_CACHE`` blocks plus the index (a few int64 per row), whatever the dataset's
 size.
 
@@ -91,7 +91,10 @@ class _File:
         self.path = path
         try:
             if path.endswith(".parquet"):
-                self.pq = pq.ParquetFile(path, memory_map=True)
+                # buffered reads, not a memory map: a mapped file's touched pages count in the process's
+                # RSS until it is closed (measured: peak RSS grew with the dataset); a read row group is
+                # anonymous memory, freed when the LRU drops it
+                self.pq = pq.ParquetFile(path, memory_map=False)
                 self.schema = self.pq.schema_arrow
                 self.block_rows = [self.pq.metadata.row_group(i).num_rows for i in range(self.pq.num_row_groups)]
             else:
@@ -171,6 +174,9 @@ class BlockReader:
         self._lru[key] = table
         while len(self._lru) > self.capacity:
             self._lru.popitem(last=False)
+        live = {k[0] for k in self._lru}
+        for g in [g for g in self._open if g not in live]:  # an arrow file's map goes with its last block
+            del self._open[g]
         return table
 
     def clear(self) -> None:
