@@ -232,7 +232,16 @@ def build_cache_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_train_samples", type=int)
     _add_label_noise_flags(p, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the VAE latent sampling")
-    p.add_argument("--cache_dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--cache_dtype", choices=["float32", "float16", "bfloat16"],
+                   help="default: the training precision given by --mixed_precision (float32 without it)")
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="the precision the cache will be trained in: sets the default --cache_dtype")
+    p.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="processes decoding images while the main process encodes")
+    p.add_argument("--restart_cache", action="store_true", help="discard a partial build of this --latent_cache "
+                   "(default: continue it when its arguments match)")
+    p.add_argument("--no_text_dedup", action="store_true", help="store the text embedding once per pair, "
+                   "not once per distinct caption")
     p.add_argument("--device")
     p.add_argument("--pretrained_vae_model_name_or_path", help="a local AutoencoderKL folder instead of vae/")
     p.add_argument("--revision", help="with a hub repo id: that revision in the local Hugging Face cache")
@@ -376,7 +385,7 @@ def _main(argv: list) -> int:
         train(resolve(build_parser().parse_args(rest)))
         return 0
     if cmd == "cache":
-        from .cache import build_cache
+        from .cache import build_cache, cache_dtype
 
         a = build_cache_parser().parse_args(rest)
         if a.vae_encode_batch_size:
@@ -387,8 +396,10 @@ def _main(argv: list) -> int:
         build_cache(a.pretrained_model_name_or_path, a.dataset_name, a.latent_cache, split=a.dataset_split_name,
                     resolution=a.resolution, batch_size=a.batch_size, shard_size=a.shard_size,
                     flip_ratio=a.inject_label_noise, flip_seed=a.flip_seed, max_pairs=a.max_train_samples, seed=a.seed,
-                    dtype=a.cache_dtype, device=a.device, variant=a.variant, hflip=not a.no_hflip,
-                    random_crop=a.random_crop, vae_path=a.pretrained_vae_model_name_or_path)
+                    dtype=a.cache_dtype or cache_dtype(a.mixed_precision), device=a.device, variant=a.variant,
+                    hflip=not a.no_hflip, random_crop=a.random_crop, vae_path=a.pretrained_vae_model_name_or_path,
+                    num_workers=a.dataloader_num_workers, restart=a.restart_cache, dedup_text=not a.no_text_dedup,
+                    progress=True)
         return 0
     if cmd == "make-toy":
         import os

@@ -13,7 +13,6 @@ so a checkpoint only needs ``(epoch, batches consumed)`` to resume exactly.
 """
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
@@ -24,63 +23,10 @@ import torch
 
 from .conditioning import TextEncoders, time_ids, tokenize
 from .errors import MissingInput, UserError
-
-REQUIRED_COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
-
-
-# -- sources --------------------------------------------------------------------------
-def _arrow_files(path: str, split: str) -> list[str]:
-    if os.path.isfile(path):
-        return [path]
-    files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)
-                   + glob.glob(os.path.join(path, "**", "*.arrow"), recursive=True))
-    in_split = [f for f in files if split in os.path.relpath(f, path)]
-    return in_split or files
+from .source import REQUIRED_COLUMNS, BlockReader, dataset_files, scan_labels  # noqa: F401 (re-exported)
 
 
-def _read_arrow(path: str):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if path.endswith(".parquet"):
-        return pq.read_table(path, memory_map=True)
-    with pa.memory_map(path) as src:
-        try:
-            return pa.ipc.open_stream(src).read_all()
-        except pa.ArrowInvalid:
-            return pa.ipc.open_file(src).read_all()
-
-
-def open_table(path: str, split: str = "train"):
-    """The dataset at ``path`` as one (memory-mapped where possible) ``pyarrow.Table``."""
-    import pyarrow as pa
-
-    if not os.path.exists(path):
-        raise MissingInput(f"--dataset_name: {path!r} does not exist (local parquet/arrow files or a "
-                                f"datasets.save_to_disk folder are expected; nothing is downloaded)")
-    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
-                                   for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        import datasets
-
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise UserError(f"--dataset_split_name: {split!r} not in {list(ds)}")
-            ds = ds[split]
-        if getattr(ds, "_indices", None) is not None:
-            ds = ds.flatten_indices()
-        table = ds.data.table if hasattr(ds.data, "table") else ds.data
-    else:
-        files = _arrow_files(path, split)
-        if not files:
-            raise MissingInput(f"--dataset_name: no .parquet or .arrow files under {path!r}")
-        table = pa.concat_tables([_read_arrow(f) for f in files])
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise UserError(f"--dataset_name {path!r}: missing Pick-a-Pic columns {missing} (has {table.column_names})")
-    return table
-
-
+# -- sources: adpo_train.source reads the files in place, a block at a time -------------------------
 def _image_bytes(value) -> Optional[bytes]:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
@@ -138,38 +84,69 @@ def decode_image(value, resolution: int, with_meta: bool = False, flip: bool = F
 
 
 class PickAPicPairs:
-    """Kept (non-tie) pairs of a Pick-a-Pic-schema table, winner first, with seeded flips.
+    """Kept (non-tie) pairs of a Pick-a-Pic-schema dataset, winner first, with seeded flips, read in place.
 
-    Attributes: ``rows`` (table row of each kept pair), ``flipped`` (bool per kept pair),
-    ``num_ties`` (rows dropped as ties), ``num_rows``.
+    The index is built from ``label_0`` alone (:func:`adpo_train.source.scan_labels`); :meth:`raw`
+    reads a pair's images and caption with the rest of its block through a bounded LRU
+    (:class:`adpo_train.source.BlockReader`), so memory does not grow with the dataset.
+    ``label_0`` 1 / 0: image 0 / 1 preferred; 0.5: a tie (dropped, ``num_ties``); anything else
+    (NaN, 7.0, 0.3) is not a Pick-a-Pic label: skipped and counted (``num_bad_labels``), never
+    read as a preference.
+
+    Attributes: ``rows`` (global row of each kept pair, in file/block order), ``block`` (a block id
+    per kept pair, for the block-aware shuffle), ``flipped`` (bool per kept pair), ``num_rows``.
     """
 
     def __init__(self, path: str, split: str = "train", flip_ratio: float = 0.0, flip_seed: int = 0,
                  max_pairs: Optional[int] = None):
-        self.table = open_table(path, split)
-        labels = self.table.column("label_0").to_numpy(zero_copy_only=False).astype(np.float64)
-        self.num_rows = len(labels)
-        keep = labels != 0.5
-        self.num_ties = int((~keep).sum())
-        self.rows = np.nonzero(keep)[0]
-        if max_pairs is not None:
-            self.rows = self.rows[:max_pairs]
-        self.first_wins = labels[self.rows] > 0.5
         if not 0.0 <= flip_ratio <= 1.0:
             raise UserError(f"--inject_label_noise: expected a number in [0, 1], got {flip_ratio}")
+        self.files = dataset_files(path, split)
+        idx = scan_labels(self.files)
+        labels = idx["label"]
+        self.num_rows = len(labels)
+        tie, good = labels == 0.5, (labels == 0.0) | (labels == 1.0)
+        self.num_ties, self.num_bad_labels = int(tie.sum()), int((~tie & ~good).sum())
+        self.rows = np.nonzero(good)[0]
+        if max_pairs is not None:
+            self.rows = self.rows[:max_pairs]
+        self._file, self._block, self._row = (idx[k][self.rows] for k in ("file", "block", "row"))
+        # one id per (file, block), increasing in file order
+        self.block = np.unique(self._file.astype(np.int64) << 32 | self._block, return_inverse=True)[1]
+        self.first_wins = labels[self.rows] > 0.5
         self.flipped = np.zeros(len(self.rows), dtype=bool)
         n_flip = int(round(flip_ratio * len(self.rows)))
         if n_flip:
             self.flipped[np.random.default_rng(flip_seed).choice(len(self.rows), n_flip, replace=False)] = True
         self.flip_ratio, self.flip_seed = flip_ratio, flip_seed
+        self.reader = BlockReader(self.files)
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def captions(self) -> Iterator[str]:
+        """Every kept pair's caption in order, read a block at a time from the caption column alone."""
+        reader, i, n = BlockReader(self.files, capacity=1), 0, len(self)
+        while i < n:
+            f, b = int(self._file[i]), int(self._block[i])
+            j = i
+            while j < n and self._file[j] == f and self._block[j] == b:
+                j += 1
+            col = reader.block(f, b, ("caption",)).column("caption").to_pylist()
+            for r in self._row[i:j]:
+                yield col[int(r)] or ""
+            i = j
+
     def raw(self, i: int) -> dict:
-        """Pair ``i``: ``winner``/``loser`` encoded images (after any flip), ``caption``, ``row``, ``flipped``."""
-        row = int(self.rows[i])
-        rec = self.table.slice(row, 1).select(["jpg_0", "jpg_1", "caption"]).to_pylist()[0]
+        """Pair ``i``: ``winner``/``loser`` encoded images (after any flip; None if its block is unreadable),
+        ``caption``, ``row``, ``flipped``."""
+        row, f, b, r = int(self.rows[i]), int(self._file[i]), int(self._block[i]), int(self._row[i])
+        try:
+            rec = self.reader.block(f, b, ("jpg_0", "jpg_1", "caption")).slice(r, 1).to_pylist()[0]
+        except UserError:
+            raise
+        except Exception:  # noqa: BLE001 - a block that cannot be decoded drops its pairs (counted as corrupt)
+            rec = {"jpg_0": None, "jpg_1": None, "caption": ""}
         a, b = (rec["jpg_0"], rec["jpg_1"]) if self.first_wins[i] else (rec["jpg_1"], rec["jpg_0"])
         if self.flipped[i]:
             a, b = b, a
@@ -228,13 +205,16 @@ def collate_images(items: list[dict]) -> dict:
 
 # -- the latent cache --------------------------------------------------------------------
 CACHE_INDEX = "index.json"
+CACHE_FORMAT = "adpo-train latent cache v2"
 
 
 class CachedPairDataset(torch.utils.data.Dataset):
     """Pairs from a latent cache written by ``adpo-train cache`` (see :mod:`adpo_train.cache`).
 
     Shards are opened lazily with ``safetensors.safe_open`` (memory-mapped) in whichever
-    process reads them, so the cache may be far larger than memory.
+    process reads them, so the cache may be far larger than memory.  A v2 cache keeps text
+    embeddings once per distinct caption (``text-NNNNN`` shards, looked up by each pair's
+    ``text_id``); a v1 cache (text stored per pair) still loads.
     """
 
     def __init__(self, cache_dir: str):
@@ -244,11 +224,17 @@ class CachedPairDataset(torch.utils.data.Dataset):
                                     f"`adpo-train cache`)")
         with open(path) as f:
             self.meta = json.load(f)
+        fmt = self.meta.get("format", "")
+        if fmt not in (CACHE_FORMAT, "adpo-train latent cache v1"):
+            raise UserError(f"--latent_cache {cache_dir!r}: format {fmt!r} is not one this version reads "
+                            f"({CACHE_FORMAT!r}); rebuild it with `adpo-train cache`")
         self.dir = cache_dir
         self.counts = [s["num_pairs"] for s in self.meta["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        self._handles: dict[int, object] = {}
-        self._key_sets: dict[int, set] = {}
+        texts = self.meta.get("text_shards", [])
+        self.text_offsets = np.concatenate([[0], np.cumsum([t["num_texts"] for t in texts])]).astype(np.int64)
+        self._handles: dict[str, object] = {}
+        self._key_sets: dict[str, set] = {}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -258,28 +244,36 @@ class CachedPairDataset(torch.utils.data.Dataset):
         state["_handles"] = {}
         return state
 
-    def _shard(self, s: int):
-        if s not in self._handles:
+    def _open(self, name: str):
+        if name not in self._handles:
             from safetensors import safe_open
 
-            self._handles[s] = safe_open(os.path.join(self.dir, self.meta["shards"][s]["file"]), framework="pt")
-        return self._handles[s]
+            self._handles[name] = safe_open(os.path.join(self.dir, name), framework="pt")
+            self._key_sets[name] = set(self._handles[name].keys())
+        return self._handles[name]
 
     def __getitem__(self, i: int) -> dict:
         s = int(np.searchsorted(self.offsets, i, side="right") - 1)
         j = i - int(self.offsets[s])
-        f = self._shard(s)
-        item = {"latents": f.get_slice("latents")[j:j + 1][0], "text": f.get_slice("text")[j:j + 1][0],
-                "flipped": bool(f.get_slice("flipped")[j:j + 1][0]), "index": i}
-        for key in ("pooled", "time_ids"):  # SDXL caches
-            if key in self._keys(s):
-                item[key] = f.get_slice(key)[j:j + 1][0]
+        name = self.meta["shards"][s]["file"]
+        f = self._open(name)
+        item = {"latents": f.get_slice("latents")[j:j + 1][0], "flipped": bool(f.get_slice("flipped")[j:j + 1][0]),
+                "index": i}
+        if "text_id" in self._key_sets[name]:  # v2: the caption's embedding, stored once
+            t = int(f.get_slice("text_id")[j:j + 1][0])
+            ts = int(np.searchsorted(self.text_offsets, t, side="right") - 1)
+            tname, tj = self.meta["text_shards"][ts]["file"], t - int(self.text_offsets[ts])
+            tf = self._open(tname)
+            item["text"] = tf.get_slice("text")[tj:tj + 1][0]
+            if "pooled" in self._key_sets[tname]:
+                item["pooled"] = tf.get_slice("pooled")[tj:tj + 1][0]
+        else:  # v1
+            item["text"] = f.get_slice("text")[j:j + 1][0]
+            if "pooled" in self._key_sets[name]:
+                item["pooled"] = f.get_slice("pooled")[j:j + 1][0]
+        if "time_ids" in self._key_sets[name]:  # SDXL caches
+            item["time_ids"] = f.get_slice("time_ids")[j:j + 1][0]
         return item
-
-    def _keys(self, s: int) -> set:
-        if s not in self._key_sets:
-            self._key_sets[s] = set(self._shard(s).keys())
-        return self._key_sets[s]
 
 
 def collate_cached(items: list[dict]) -> dict:
@@ -297,14 +291,22 @@ class PairBatchSampler(torch.utils.data.Sampler):
 
     With ``world > 1`` each global batch of ``batch_size * world`` pairs is split by rank.
     :meth:`set_epoch` with ``start`` skips batches already consumed (exact resume).
+
+    ``blocks`` (a block id per pair, e.g. :attr:`PickAPicPairs.block`): a block-aware shuffle for
+    data read a block at a time.  The blocks are permuted, then the pairs of each window of
+    ``window`` consecutive (permuted) blocks are permuted among themselves; so a reader that keeps
+    ``window`` blocks (:data:`adpo_train.source.BLOCK_CACHE`) reads each block once per epoch per
+    process.  Without ``blocks``: a full permutation (a latent cache reads any pair cheaply).
     """
 
     def __init__(self, num_pairs: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, blocks=None, window: int = 4):
         self.n, self.bs, self.seed, self.shuffle, self.rank, self.world = num_pairs, batch_size, seed, shuffle, rank, world
         if self.num_batches() == 0:
             raise UserError(f"{num_pairs} usable pairs are fewer than one batch of {batch_size * world} "
                             f"(--train_batch_size {batch_size} x {world} processes): nothing to train on")
+        self.blocks = None if blocks is None else np.asarray(blocks)
+        self.window = window
         self.epoch, self.start = 0, 0
 
     def num_batches(self) -> int:
@@ -316,12 +318,24 @@ class PairBatchSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.num_batches() - self.start
 
+    def order(self) -> list[int]:
+        """This epoch's order of all pairs."""
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.blocks is None:
+            return torch.randperm(self.n, generator=g).tolist()
+        ids, counts = np.unique(self.blocks, return_counts=True)
+        by_block = np.split(np.argsort(self.blocks, kind="stable"), np.cumsum(counts)[:-1])
+        perm = torch.randperm(len(ids), generator=g).numpy()
+        out = []
+        for w in range(0, len(perm), self.window):
+            pool = np.concatenate([by_block[k] for k in perm[w:w + self.window]])
+            out.extend(pool[torch.randperm(len(pool), generator=g).numpy()].tolist())
+        return out
+
     def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+        order = self.order()
         gbs = self.bs * self.world
         for b in range(self.start, self.num_batches()):
             chunk = order[b * gbs:(b + 1) * gbs]

@@ -31,11 +31,17 @@ def check_replaceable(path: str, flag: str) -> None:
                         f"it (choose a new folder or empty this one)")
 
 
-def begin(final: str, flag: str, kind: str) -> str:
-    """Check ``final`` and its stale temp folder, create ``<final>.tmp`` with the marker, return it."""
+def begin(final: str, flag: str, kind: str, keep: bool = False) -> str:
+    """Check ``final`` and its stale temp folder, create ``<final>.tmp`` with the marker, return it.
+
+    ``keep``: a stale ``.tmp`` this package wrote is kept as it is (a build that continues it); without
+    it, removed.  The caller holds the folder's lock (:mod:`adpo_train.locks`), so the ``.tmp`` is never
+    another live process's."""
     check_replaceable(final, flag)
     tmp = final.rstrip("/") + ".tmp"
     check_replaceable(tmp, flag + " (temporary folder)")
+    if keep and owned(tmp):
+        return tmp
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     with open(os.path.join(tmp, MARKER), "w") as f:

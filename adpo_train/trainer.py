@@ -72,7 +72,7 @@ def _prepare_toy(config: TrainConfig, log) -> TrainConfig:
     if not os.path.isfile(os.path.join(cache, "index.json")):
         build_cache(model, data, cache, resolution=toy.RESOLUTION, batch_size=64,
                     flip_ratio=config.inject_label_noise, flip_seed=config.flip_seed,
-                    max_pairs=config.max_train_samples, seed=config.seed, device="cpu", log=log)
+                    max_pairs=config.max_train_samples, seed=config.seed, device="cpu", log=log, distributed=False)
     return config.replace(pretrained_model_name_or_path=model, dataset_name=data, latent_cache=cache,
                         resolution=toy.RESOLUTION)
 
@@ -133,7 +133,7 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
     data = _build_data(config, accelerator, unet, weight_dtype, log)
     config = config.replace(resolution=data.resolution)  # a latent cache's or the synthetic UNet's
     sampler = PairBatchSampler(len(data.dataset), config.train_batch_size, config.seed, rank=accelerator.process_index,
-                               world=accelerator.num_processes)
+                               world=accelerator.num_processes, blocks=data.blocks)  # images: a block-aware shuffle
     if config.max_train_steps is None:
         config = config.replace(max_train_steps=config.num_train_epochs * math.ceil(
             sampler.num_batches() / config.gradient_accumulation_steps))
@@ -193,7 +193,7 @@ def _prepare_inputs(config: TrainConfig, accelerator, log) -> TrainConfig:
         if not main_proc:
             config = _prepare_toy(config, lambda *a, **k: None)
     if config.cache_latents and not config.latent_cache:
-        from .cache import build_cache
+        from .cache import build_cache, cache_dtype
 
         config = config.replace(latent_cache=os.path.join(config.output_dir, "latent_cache"))
         if main_proc:
@@ -202,7 +202,9 @@ def _prepare_inputs(config: TrainConfig, accelerator, log) -> TrainConfig:
                         flip_ratio=config.inject_label_noise, flip_seed=config.flip_seed,
                         max_pairs=config.max_train_samples, seed=config.seed,
                         device=_dev(accelerator.device), variant=config.variant, log=log, hflip=not config.no_hflip,
-                        random_crop=config.random_crop, vae_path=config.pretrained_vae_model_name_or_path)
+                        random_crop=config.random_crop, vae_path=config.pretrained_vae_model_name_or_path,
+                        dtype=cache_dtype(config.mixed_precision), num_workers=config.dataloader_num_workers,
+                        distributed=False, progress=not config.quiet)
         accelerator.wait_for_everyone()
     return config
 
@@ -247,6 +249,7 @@ class _Data:
     resolution: int  # of the pairs' images (a latent cache's may differ from --resolution)
     vae: object = None
     text_encoder: object = None
+    blocks: object = None  # from images: the source block of each pair (PairBatchSampler's block-aware shuffle)
 
 
 def _build_data(config: TrainConfig, accelerator, unet, weight_dtype, log) -> _Data:
@@ -281,7 +284,7 @@ def _build_data(config: TrainConfig, accelerator, unet, weight_dtype, log) -> _D
                                    random_crop=config.random_crop, seed=config.seed)
         data = _Data(dataset, collate_images, pairs.flip_record(),
                      {"num_rows": pairs.num_rows, "num_ties": pairs.num_ties, "num_corrupt": None,
-                      "num_pairs": len(pairs)}, config.resolution, vae, text_encoder)
+                      "num_pairs": len(pairs)}, config.resolution, vae, text_encoder, pairs.block)
     if accelerator.is_main_process and data.flip_record is not None:
         with open(os.path.join(config.output_dir, "flipped_pairs.json"), "w") as f:
             json.dump(data.flip_record, f)

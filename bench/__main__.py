@@ -6,6 +6,8 @@ Benchmarks (each appends rows to ``<results dir>/<name>.csv``; ``--results-dir``
     loss     the fused loss: eager / compiled / triton / cuda / cpu providers (bench/loss.py)
     train    trainer throughput: the trainer's own step vs the published loop (bench/train.py), when present
     memory   memory per GPU of parameters, gradients, AdamW, reference and EMA: DDP vs FSDP (bench/memory.py)
+    data     Pick-a-Pic data path: cache build pairs/s by decode workers, RSS vs dataset size, bytes/pair,
+             cached loader vs step rate (bench/data.py)
 
 Tools:
 
@@ -31,6 +33,7 @@ BENCHMARKS = {
     "loss": "fused loss forward/backward per provider",
     "train": "trainer throughput: baseline loop, DPO, Adaptive-DPO",
     "memory": "memory per GPU (params, grads, AdamW, reference, EMA): DDP vs FSDP, computed + tiny measured",
+    "data": "data path: cache build pairs/s (0/1/2 decode workers), RSS at two sizes, bytes/pair, loader vs step",
 }
 
 

@@ -121,12 +121,21 @@ def _loss_summary(rs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _num(v) -> str:
+    """A value as the summary prints it: floats to 4 significant digits."""
+    try:
+        return f"{float(v):.4g}" if isinstance(v, float) or "." in str(v) else str(v)
+    except ValueError:
+        return str(v)
+
+
 def _generic_summary(rs: list[dict]) -> str:
-    keys = ("pairs_per_s", "step_ms", "mfu", "peak_mem_gb", "median_ms", "total_gib")
+    keys = ("pairs_per_s", "step_ms", "mfu", "peak_mem_gb", "median_ms", "total_gib", "peak_rss_mb",
+            "bytes_per_pair", "loader_pairs_per_s", "step_pairs_per_s")
     lines = []
     for r in rs:
         who = r.get("provider") or r.get("variant") or r.get("name", "?")
-        vals = ", ".join(f"{k}={r[k]}" for k in keys if r.get(k) not in (None, ""))
+        vals = ", ".join(f"{k}={_num(r[k])}" for k in keys if r.get(k) not in (None, ""))
         lines.append(f"{who:24s} {r.get('status', ''):8s} {vals or r.get('reason', '')}")
     return "\n".join(lines)
 

@@ -91,7 +91,8 @@ def test_cache_counts_and_records_flips(parquet, tmp_path):
     meta = build_cache(toy_assets()["model"], parquet, str(tmp_path / "cache"), resolution=32, batch_size=4,
                        shard_size=4, flip_ratio=0.4, flip_seed=7, device="cpu", log=lambda *a: None)
     assert (meta["num_ties"], meta["num_corrupt"], meta["num_pairs"]) == (1, 1, 8)
-    assert len(meta["shards"]) == 2
+    # a shard covers a fixed range of 4 kept pairs (a resumable unit); the corrupt pair leaves its shard with 3
+    assert [s["num_pairs"] for s in meta["shards"]] == [4, 3, 1]
     pairs = PickAPicPairs(parquet, flip_ratio=0.4, flip_seed=7)
     flipped_rows = set(pairs.flip_record()["flipped_rows"]) - {6}
     assert set(meta["flipped_rows"]) == flipped_rows

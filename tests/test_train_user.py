@@ -93,7 +93,7 @@ def test_cache_train_sigint_resume_load_lora_generate(tmp_path, capsys, monkeypa
                           "--latent_cache", cache, "--resolution", "32", "--device", "cpu"], capsys)
     assert rc == 0, err
     assert "24 pairs" in out and "2 ties dropped, 2 corrupt pairs skipped" in out
-    assert load_file(os.path.join(cache, "shard-00000.safetensors"))["text"].shape[1] == 77
+    assert load_file(os.path.join(cache, "text-00000.safetensors"))["text"].shape[1] == 77  # text once per caption
     run = tmp_path / "run"
 
     # SIGINT arrives during step 3: the run stops at the step boundary with checkpoint-3 and exit code 130
