@@ -1,6 +1,6 @@
 """Command line: ``adpo-train [train] [flags]``, ``adpo-train cache ...``,
 ``adpo-train make-toy DIR``, ``adpo-train evaluate ...`` (:mod:`adpo_train.evaluate`) and
-``adpo-train experiment label-flip|eval-flip ...``.
+``adpo-train experiment label-flip ...``.
 
 Flags keep the names of diffusers' ``examples/research_projects/diffusion_dpo/
 train_diffusion_dpo.py`` where they overlap, so a user of that script can switch by
@@ -412,14 +412,10 @@ def _main(argv: list) -> int:
         return evaluate_main(rest)
     if cmd == "experiment":
         if not rest:
-            raise UserError("usage: adpo-train experiment label-flip|eval-flip [args]")
+            raise UserError("usage: adpo-train experiment label-flip [args]")
         name, exp_args = rest[0], rest[1:]
-        if name == "eval-flip":
-            from .experiments.eval_flip import main as eval_flip_main
-
-            return int(eval_flip_main(exp_args) or 0)
         if name != "label-flip":
-            raise UserError(f"adpo-train experiment: unknown experiment {name!r} (known: label-flip, eval-flip)")
+            raise UserError(f"adpo-train experiment: unknown experiment {name!r} (known: label-flip)")
         from .experiments.label_flip import main as label_flip_main
 
         result = label_flip_main(exp_args)

@@ -6,6 +6,7 @@ Benchmarks (each appends rows to ``<results dir>/<name>.csv``; ``--results-dir``
     loss     the fused loss: eager / compiled / triton / cuda / cpu providers (bench/loss.py)
     train    trainer throughput: the trainer's own step vs the published loop (bench/train.py), when present
     memory   memory per GPU of parameters, gradients, AdamW, reference and EMA: DDP vs FSDP (bench/memory.py)
+    experiment  DPO vs Adaptive-DPO on the toy at label-flip rates 0/0.2/0.4, scored by `adpo-train evaluate`
 
 Tools:
 
@@ -31,6 +32,7 @@ BENCHMARKS = {
     "loss": "fused loss forward/backward per provider",
     "train": "trainer throughput: baseline loop, DPO, Adaptive-DPO",
     "memory": "memory per GPU (params, grads, AdamW, reference, EMA): DDP vs FSDP, computed + tiny measured",
+    "experiment": "DPO vs Adaptive-DPO on the toy at flip rates 0/0.2/0.4, scored by adpo-train evaluate (CIs)",
 }
 
 
