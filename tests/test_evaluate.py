@@ -324,3 +324,46 @@ def test_read_prompts_txt_and_parquet(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(UserError, match="--prompts: .* holds no prompts"):
         read_prompts(str(tmp_path / "empty.txt"))
+
+
+def test_same_unet_as_full_finetune_gives_identical_pairs(evaluated, tmp_path):
+    """``--unet`` = the base model's own UNet: every tuned image equals its base twin pixel for pixel
+    (the same seed per prompt and image), so every pair ties and the win rate is exactly 0.5."""
+    from PIL import Image
+
+    a, _ = evaluated
+    out = tmp_path / "out"
+    argv = _argv(a, out)
+    j = argv.index("--lora")
+    argv[j:j + 2] = ["--unet", os.path.join(a["model"], "unet")]
+    assert _run(argv) == 0
+    for base in sorted(out.glob("images/base/*.png")):
+        tuned = out / "images" / "tuned" / base.name
+        assert np.array_equal(np.asarray(Image.open(base)), np.asarray(Image.open(tuned))), base.name
+    res = json.load(open(out / "results.json"))
+    for r in res["rewards"].values():
+        assert r["win_rate"] == 0.5 and r["win_rate_ci95"] == [0.5, 0.5]
+        assert r["base"] == r["tuned"]
+
+
+def test_bootstrap_resamples_prompts_not_images():
+    """With K identical images per prompt, the CI must be as wide as the prompts' spread allows:
+    about mean +- 1.96 sd / sqrt(prompts) (normal approximation), not / sqrt(prompts * K)."""
+    from adpo_train.evaluate import summarise
+
+    rng = np.random.default_rng(1)
+    n, K = 400, 4
+    per_prompt = rng.normal(size=n)
+    base = np.repeat(per_prompt[:, None], K, 1)
+    r = summarise(base, base + 1.0)
+    lo, hi = r["base"]["ci95"]
+    half = 1.96 * per_prompt.std(ddof=1) / np.sqrt(n)
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)
+    assert (lo + hi) / 2 == pytest.approx(per_prompt.mean(), abs=0.2 * half)
+    assert r["win_rate"] == 1.0 and r["win_rate_ci95"] == [1.0, 1.0]
+    # wins over images of a prompt: half the prompts won on every image, half lost on every one
+    tuned = base + np.where(np.arange(n) % 2 == 0, 1.0, -1.0)[:, None]
+    w = summarise(base, tuned)
+    assert w["win_rate"] == 0.5
+    lo, hi = w["win_rate_ci95"]
+    assert (hi - lo) / 2 == pytest.approx(1.96 * 0.5 / np.sqrt(n), rel=0.1)
