@@ -19,8 +19,14 @@ setup: $(BIN)/python build
 build: $(BIN)/python
 	$(BIN)/pip install -q -e . --no-build-isolation --no-deps
 
+# The demo trains the toy, then scores the LoRA against the toy base model with the toy reward
+# (adpo_train.rewards.toy_reward: what the toy's preference set prefers) on the toy's 18 captions.
+TOY_RUN := outputs/adpo-toy
 demo: setup
 	$(BIN)/adpo-train
+	$(BIN)/adpo-train evaluate --pretrained_model_name_or_path $(TOY_RUN)/toy/model-epsilon --lora $(TOY_RUN) \
+		--prompts $(TOY_RUN)/toy/data/pick_a_pic_toy_256.parquet --reward toy --num_images_per_prompt 4 \
+		--num_inference_steps 10 --output_dir outputs/adpo-toy-eval --overwrite_output_dir
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -1,5 +1,6 @@
 """Command line: ``adpo-train [train] [flags]``, ``adpo-train cache ...``,
-``adpo-train make-toy DIR`` and ``adpo-train experiment label-flip ...``.
+``adpo-train make-toy DIR``, ``adpo-train evaluate ...`` (:mod:`adpo_train.evaluate`) and
+``adpo-train experiment label-flip ...``.
 
 Flags keep the names of diffusers' ``examples/research_projects/diffusion_dpo/
 train_diffusion_dpo.py`` where they overlap, so a user of that script can switch by
@@ -416,6 +417,10 @@ def _main(argv: list) -> int:
         data = toy.write_toy_dataset(os.path.join(a.dir, "data", "train.parquet"), a.toy_pairs)
         print(f"toy model: {model}\ntoy dataset: {data}")
         return 0
+    if cmd == "evaluate":
+        from .evaluate import main as evaluate_main
+
+        return evaluate_main(rest)
     if cmd == "experiment":
         if not rest:
             raise UserError("usage: adpo-train experiment label-flip [args]")
@@ -426,4 +431,4 @@ def _main(argv: list) -> int:
 
         result = label_flip_main(exp_args)
         return int(result or 0)
-    raise UserError(f"unknown command {cmd!r} (train, cache, make-toy, experiment)")
+    raise UserError(f"unknown command {cmd!r} (train, cache, make-toy, evaluate, experiment)")

@@ -36,21 +36,9 @@ class Validator:
 
     def _pipeline(self):
         if self.pipe is None:
-            from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
-
-            kw = dict(local_files_only=True, use_safetensors=True, unet=self.unet, torch_dtype=self.dtype)
-            if self.config.variant:
-                kw["variant"] = self.config.variant
-            if self.config.pretrained_vae_model_name_or_path:  # the VAE the run encodes with
-                from .models import load_vae
-
-                kw["vae"] = load_vae(None, self.config.variant, self.config.pretrained_vae_model_name_or_path)
-            pipe = DiffusionPipeline.from_pretrained(self.config.pretrained_model_name_or_path, **kw)
-            if hasattr(pipe, "safety_checker"):
-                pipe.safety_checker = None
-            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-            pipe.set_progress_bar_config(disable=True)
-            self.pipe = pipe.to(self.device)
+            self.pipe = load_pipeline(self.config.pretrained_model_name_or_path, self.device, self.dtype,
+                                      self.config.variant, self.config.pretrained_vae_model_name_or_path,
+                                      unet=self.unet)
         return self.pipe
 
     def _images(self, pipe) -> list:
@@ -97,6 +85,29 @@ class Validator:
 
                 tracker.log({key: [wandb.Image(im, caption=f"{i}: {p}")
                                    for i, (im, p) in enumerate(zip(rows[0], self.prompts))]}, step=step)
+
+
+def load_pipeline(model: str, device, dtype, variant=None, vae_path=None, unet=None):
+    """The model folder's pipeline (SD or SDXL, from its ``model_index.json``), local files only, no
+    safety checker, diffusers' ``DPMSolverMultistepScheduler``, no progress bar; ``unet``: use this UNet
+    (the one being trained), ``vae_path``: an ``AutoencoderKL`` folder of its own."""
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+
+    kw = dict(local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+    if unet is not None:
+        kw["unet"] = unet
+    if variant:
+        kw["variant"] = variant
+    if vae_path:  # the VAE the run encodes with
+        from .models import load_vae
+
+        kw["vae"] = load_vae(None, variant, vae_path).to(dtype)
+    pipe = DiffusionPipeline.from_pretrained(model, **kw)
+    if hasattr(pipe, "safety_checker"):
+        pipe.safety_checker = None
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
 
 
 def grid(rows: list[list]):

@@ -8,6 +8,7 @@ Benchmarks (each appends rows to ``<results dir>/<name>.csv``; ``--results-dir``
     memory   memory per GPU of parameters, gradients, AdamW, reference and EMA: DDP vs FSDP (bench/memory.py)
     data     Pick-a-Pic data path: cache build pairs/s by decode workers, RSS vs dataset size, bytes/pair,
              cached loader vs step rate (bench/data.py)
+    experiment  DPO vs Adaptive-DPO on the toy at label-flip rates 0/0.2/0.4, scored by `adpo-train evaluate`
 
 Tools:
 
@@ -34,6 +35,7 @@ BENCHMARKS = {
     "train": "trainer throughput: baseline loop, DPO, Adaptive-DPO",
     "memory": "memory per GPU (params, grads, AdamW, reference, EMA): DDP vs FSDP, computed + tiny measured",
     "data": "data path: cache build pairs/s (0/1/2 decode workers), RSS at two sizes, bytes/pair, loader vs step",
+    "experiment": "DPO vs Adaptive-DPO on the toy at flip rates 0/0.2/0.4, scored by adpo-train evaluate (CIs)",
 }
 
 
