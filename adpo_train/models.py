@@ -141,13 +141,42 @@ def save_lora_diffusers(unet, out_dir: str, state_dict: Optional[dict] = None) -
     config = unet.peft_config["default"]
     kw = {}
     if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionLoraLoaderMixin.save_lora_weights).parameters:
-        kw["unet_lora_adapter_metadata"] = config.to_dict()
+        meta = config.to_dict()
+        for k, v in meta.items():  # peft keeps these as sets: their order follows PYTHONHASHSEED
+            if isinstance(v, (set, frozenset)):
+                meta[k] = sorted(v)
+        kw["unet_lora_adapter_metadata"] = meta
     elif config.lora_alpha != config.r:
         scale = config.lora_alpha / config.r
         state = {k: v * scale if "lora_B" in k or "lora.up" in k else v for k, v in state.items()}
     StableDiffusionLoraLoaderMixin.save_lora_weights(out_dir, unet_lora_layers=state, safe_serialization=True,
                                                      weight_name=LORA_WEIGHT_NAME, **kw)
-    return os.path.join(out_dir, LORA_WEIGHT_NAME)
+    path = os.path.join(out_dir, LORA_WEIGHT_NAME)
+    _sort_safetensors_metadata(path)
+    return path
+
+
+def _sort_safetensors_metadata(path: str) -> None:
+    """Rewrite the header of the safetensors file ``path`` with its ``__metadata__`` keys sorted.
+
+    safetensors writes the metadata from a Rust HashMap, whose order changes from process to
+    process: the same LoRA gave different bytes.  Tensor offsets are relative to the data
+    section, so only the header (padded with spaces to 8 bytes, as safetensors does) changes."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        blob = f.read()
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + blob[8 + n:])
+    os.replace(tmp, path)
 
 
 def encoder_fingerprint(path: str, vae_path: Optional[str] = None) -> str:

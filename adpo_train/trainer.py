@@ -26,6 +26,7 @@ at a step boundary with a checkpoint (:mod:`adpo_train.signals`); user errors ar
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -37,6 +38,7 @@ from typing import Optional
 import torch
 
 from . import checkpoint as ckpt
+from . import locks
 from . import skip
 from .annotators import EMAAnnotators, MixedBatchAnnotators
 from .cache import check_cache_fits
@@ -114,8 +116,12 @@ def train(config: TrainConfig) -> dict:
 
 
 def _train(config: TrainConfig, stop: StopRequest) -> dict:
-    accelerator = _accelerator(config)
-    main_proc = accelerator.is_main_process
+    with contextlib.ExitStack() as held:  # the --output_dir lock, held until the run ends
+        accelerator = _accelerator(config, held)
+        return _train_locked(config, stop, accelerator, accelerator.is_main_process)
+
+
+def _train_locked(config: TrainConfig, stop: StopRequest, accelerator, main_proc: bool) -> dict:
     log = print if main_proc else (lambda *a, **k: None)
     t_start = time.time()
     config = _prepare_inputs(config, accelerator, log)
@@ -152,8 +158,12 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
     return _finish(run, t_start)
 
 
-def _accelerator(config: TrainConfig):
-    """The Accelerator, after every rank has checked --output_dir (the main process clears it)."""
+def _accelerator(config: TrainConfig, held: contextlib.ExitStack):
+    """The Accelerator, after every rank has checked --output_dir (the main process clears it).
+
+    The main process takes the folder's lock (:mod:`locks`) into ``held`` BEFORE it removes
+    anything: a second run on the same folder, even with --overwrite_output_dir, is refused
+    with the holder's pid and deletes nothing of the running one."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -174,8 +184,10 @@ def _accelerator(config: TrainConfig):
                                                                                            config.logging_dir)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ckpt.check_output_dir(config.output_dir, resuming, bool(config.overwrite_output_dir), config.logging_dir)
         os.makedirs(config.output_dir, exist_ok=True)
+        held.enter_context(locks.hold(locks.lock_path(config.output_dir, inside=True),
+                                      f"output folder {config.output_dir}", "--output_dir"))
+        ckpt.check_output_dir(config.output_dir, resuming, bool(config.overwrite_output_dir), config.logging_dir)
     accelerator.wait_for_everyone()
     if accelerator.device.type == "cpu" and getattr(config, "cpu_threads", None):
         torch.set_num_threads(config.cpu_threads)
