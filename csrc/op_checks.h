@@ -87,6 +87,10 @@ inline Params check_pairs_args(const char* op, const at::Tensor& mse, const at::
   TORCH_CHECK(p.weight >= 0 && p.weight <= WEIGHT_EXP, op, ": bad weight type ", p.weight);
   TORCH_CHECK(p.margin >= 0 && p.margin <= MARGIN_QUADRATIC, op, ": bad margin type ", p.margin);
   TORCH_CHECK(p.metric >= 0 && p.metric <= METRIC_ON, op, ": bad metric mode ", p.metric);
+  // the flip's quantile index is (int)(B * (1 - flip_ratio)): out of [0, 1] (or NaN) it would index outside
+  // the sorted metric (CUDA read m[-1], the CPU sorted[negative]); written so that NaN fails too
+  TORCH_CHECK(!p.flip || (p.flip_ratio >= 0.0 && p.flip_ratio <= 1.0), op,
+              ": flip_ratio must be in [0, 1] when flip is on, got ", p.flip_ratio);
   return p;
 }
 
@@ -94,8 +98,9 @@ inline Params check_pairs_args(const char* op, const at::Tensor& mse, const at::
 inline void check_bwd_args(const char* op, const at::Tensor& grad_loss, const at::Tensor& grad_coef,
                            const at::Tensor& model_pred, const at::Tensor& target) {
   TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one element, got shape ", grad_loss.sizes());
-  TORCH_CHECK(model_pred.dim() == 2 && model_pred.size(0) % 2 == 0 && model_pred.size(0) > 0, op,
-              ": model_pred must be (2B, N), got shape ", model_pred.sizes());
+  // N > 0 as the forward requires (a row length of 0 gave the CUDA launcher a zero-block grid)
+  TORCH_CHECK(model_pred.dim() == 2 && model_pred.size(0) % 2 == 0 && model_pred.size(0) > 0 && model_pred.size(1) > 0,
+              op, ": model_pred must be (2B, N) with B, N > 0, got shape ", model_pred.sizes());
   TORCH_CHECK(is_float_dtype(model_pred.scalar_type()), op, ": model_pred must be a float tensor, got ",
               model_pred.scalar_type());
   const int64_t R = model_pred.size(0), N = model_pred.size(1);

@@ -47,6 +47,8 @@ def pairs_backward(grad_loss: torch.Tensor, grad_coef: torch.Tensor, model_pred:
     rows = model_pred.shape[0]
     B = rows // 2
     N = model_pred.numel() // max(rows, 1)
+    if rows == 0 or rows % 2 or N == 0:  # as the C++ and CUDA ops (op_checks.h)
+        raise ValueError(f"adpo::{op}: model_pred must be (2B, N) with B, N > 0, got shape {tuple(model_pred.shape)}")
     t_rows = target.shape[0]
     if grad_coef.numel() != B or grad_loss.numel() != 1:
         raise ValueError(f"adpo::{op}: expected grad_coef of {B} elements and a scalar grad_loss, got "

@@ -120,7 +120,10 @@ def row_mse(model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tens
     op = "triton_mse"
     preds = [model_pred, ref_pred, *annotators]
     _common.check_device(_mse_partial_kernel, model_pred, op)
-    rows, N = model_pred.shape[0], model_pred[0].numel() if model_pred.dim() > 1 else 1
+    rows = model_pred.shape[0] if model_pred.dim() else 0
+    N = (model_pred.numel() // rows if rows else 0) if model_pred.dim() > 1 else 1
+    if rows == 0 or rows % 2 or N == 0:  # as the C++ and CUDA ops (op_checks.h)
+        raise ValueError(f"adpo::{op}: model_pred must be (2B, N) with B, N > 0, got shape {tuple(model_pred.shape)}")
     for i, p in enumerate(preds):
         _common.check_dtype(p, f"prediction {i}", op)
         if p.shape[0] != rows or p.numel() != rows * N or p.device != model_pred.device:

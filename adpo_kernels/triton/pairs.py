@@ -296,6 +296,8 @@ def pairs_forward(mse: torch.Tensor, model_pred: torch.Tensor, target: torch.Ten
         raise ValueError(f"adpo::{op}: local pairs [{offset}, {offset + num_pairs}) outside [0, {Bg})")
     if len(fparams) != 8 or len(iparams) != 8:
         raise ValueError(f"adpo::{op}: expected 8 fparams and 8 iparams (AdaptiveDPOConfig.op_params)")
+    if iparams[C.I_FLIP] and not (0.0 <= fparams[C.F_FLIP_RATIO] <= 1.0):  # NaN fails too
+        raise ValueError(f"adpo::{op}: flip_ratio must be in [0, 1] when flip is on, got {fparams[C.F_FLIP_RATIO]}")
     mse = mse.contiguous()
     consts, num_warps = kernel_meta(mse.shape[0] - 1, Bg, iparams, _common.is_interpreted(_pairs_kernel))
     dev = mse.device
@@ -303,7 +305,8 @@ def pairs_forward(mse: torch.Tensor, model_pred: torch.Tensor, target: torch.Ten
     vec = lambda: _common.alloc((num_pairs,), torch.float32, dev)  # noqa: E731
     loss, logits, metric, weights, margin, acc, g = scalar(), vec(), vec(), vec(), vec(), scalar(), vec()
     f = fparams
-    q_idx = min(int(Bg * (1.0 - f[C.F_FLIP_RATIO])), Bg - 1)  # the host float arithmetic of reference.py
+    # the host float arithmetic of reference.py; with the flip off the ratio is not read (it may be anything)
+    q_idx = min(int(Bg * (1.0 - f[C.F_FLIP_RATIO])), Bg - 1) if iparams[C.I_FLIP] else 0
     with _common.device_guard(mse):
         _pairs_kernel[(1,)](
             mse, loss, logits, metric, weights, margin, acc, g,
