@@ -1,9 +1,10 @@
 """One PNG of the training curves: loss, implicit accuracy and mean instance weight per logged step."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
+
+from . import jsonl
 
 
 def plot_metrics(metrics_path: str, out_path: str) -> Optional[str]:
@@ -17,8 +18,7 @@ def plot_metrics(metrics_path: str, out_path: str) -> Optional[str]:
         return None
     if not os.path.isfile(metrics_path):
         return None
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = jsonl.read(metrics_path)[0]  # a torn last line (a crash mid-append) is left out
     if not rows:
         return None
     steps = [r["step"] for r in rows]

@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 
 from . import checkpoint as ckpt
+from . import jsonl
 from . import locks
 from . import skip
 from .annotators import EMAAnnotators, MixedBatchAnnotators
@@ -504,11 +505,8 @@ def _resume(run: _Run) -> None:
     st.load_rank_state(load_file(os.path.join(resume, f"trainer_rng_{acc.process_index}.safetensors")))
     run.log(f"resumed from {resume} at step {st.global_step} (epoch {st.epoch}, batch {st.batch_in_epoch})")
     for path in (run.metrics_path, run.pairs_path):
-        if run.main_proc and os.path.isfile(path):
-            with open(path) as f:
-                keep = [ln for ln in f if json.loads(ln)["step"] <= st.global_step]
-            with open(path, "w") as f:
-                f.writelines(keep)
+        if run.main_proc:
+            jsonl.trim(path, st.global_step, run.log)
 
 
 def _load_sharded(run: _Run, path: str, saved: dict) -> None:
@@ -546,10 +544,8 @@ def flush_pairs(run: _Run) -> None:
     """Append the per-pair rows kept since the last flush to pairs.jsonl (--dump_pairs)."""
     rows = run.state.pair_rows
     if run.main_proc and rows:
-        with open(run.pairs_path, "a") as f:
-            for r in torch.cat(rows).tolist():
-                f.write(json.dumps({"step": int(r[0]), "pair": int(r[1]), "logit": r[2], "metric": r[3],
-                                    "weight": r[4], "flipped": bool(r[5])}) + "\n")
+        jsonl.append(run.pairs_path, ({"step": int(r[0]), "pair": int(r[1]), "logit": r[2], "metric": r[3],
+                                       "weight": r[4], "flipped": bool(r[5])} for r in torch.cat(rows).tolist()))
     rows.clear()
 
 
@@ -730,8 +726,7 @@ def _log_metrics(run: _Run, ready: bool) -> None:
     flush_pairs(run)
     if not run.main_proc:
         return
-    with open(run.metrics_path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    jsonl.append(run.metrics_path, [rec])  # one whole line (a full disk leaves at most a torn tail)
     if run.use_tb:
         run.accelerator.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=st.global_step)
     if run.progress is not None:

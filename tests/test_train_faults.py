@@ -49,3 +49,46 @@ def test_lora_file_is_the_same_bytes_whatever_the_hash_seed(tmp_path):
         subprocess.run([sys.executable, "-c", _SAVE, str(out)], check=True, env=env, capture_output=True)
         blobs.append((out / LORA_WEIGHT_NAME).read_bytes())
     assert blobs[0] == blobs[1] == blobs[2]
+
+
+def test_jsonl_appends_whole_lines_and_trim_drops_a_torn_one(tmp_path):
+    from adpo_train import jsonl
+
+    p = str(tmp_path / "metrics.jsonl")
+    jsonl.append(p, [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}])
+    jsonl.append(p, [{"step": 3, "loss": 0.125}])
+    with open(p, "ab") as f:
+        f.write(b'{"step": 4, "lo')  # a disk that filled inside the last append
+    rows, bad = jsonl.read(p)
+    assert [r["step"] for r in rows] == [1, 2, 3] and bad == 1
+    notes = []
+    jsonl.trim(p, 2, notes.append)
+    assert open(p).read() == '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25}\n'
+    assert len(notes) == 1 and "dropped 1 torn" in notes[0]
+
+
+def test_resume_after_a_torn_metrics_line_continues(tmp_path):
+    """Defect 4: a partial last line of metrics.jsonl made every later resume a JSONDecodeError."""
+    out = tmp_path / "run"
+    flags = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--logging_steps", "1")
+    assert train_on_toy_cache(out, *flags, "--stop_after_steps", "3")["stopped"]
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 4, "loss": 0.69')
+    assert train_on_toy_cache(out, *flags, "--resume_from_checkpoint", "latest")["global_step"] == 4
+    import json
+
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4], steps
+
+
+def test_a_full_disk_while_logging_is_named(tmp_path, monkeypatch):
+    import errno
+
+    from adpo_train import jsonl
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jsonl, "_write", full)
+    with pytest.raises(UserError, match=r"the disk is full \(ENOSPC\) while appending to .*metrics.jsonl"):
+        train_on_toy_cache(tmp_path / "run", "--max_train_steps", "2", "--logging_steps", "1")
