@@ -4,16 +4,21 @@ A checkpoint is written into ``.tmp-checkpoint-<step>`` (accelerate ``save_state
 LoRA weights through a save hook as safetensors, optimizer, LR scheduler, grad scaler,
 global RNG states; then the EMA annotators, the noise generator and the metric buffers
 as safetensors, and ``trainer_state.json`` with the exact data position, written
-last), then renamed.  ``latest`` only considers complete ``checkpoint-<step>`` folders
-that hold ``trainer_state.json``; a crash mid-write leaves a ``.tmp-`` folder that is
-ignored and removed by the next save.
+last, with a manifest: the size and CRC-32 of every other file), then renamed.  ``latest``
+only considers complete ``checkpoint-<step>`` folders that hold ``trainer_state.json``; a crash
+mid-write leaves a ``.tmp-`` folder that is ignored and removed by the next save.  A checkpoint
+whose files no longer match its manifest (truncated, deleted, bit-flipped) is reported and kept,
+and ``latest`` falls back to the newest one that verifies.  A full disk while saving is named
+(ENOSPC), the partial folder removed and the previous checkpoint kept.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import zlib
 from typing import Callable, Optional
 
 from .errors import MissingInput, UserError
@@ -36,17 +41,72 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def resolve(output_dir: str, spec: Optional[str]) -> Optional[str]:
-    """``--resume_from_checkpoint``: ``latest`` (None if there is none yet) or a path / folder name."""
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def manifest(folder: str) -> dict:
+    """``{relative path: [size, crc32]}`` of every file in ``folder`` but the trainer state."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for n in files:
+            p = os.path.join(d, n)
+            rel = os.path.relpath(p, folder)
+            if rel not in (STATE_FILE, STATE_FILE + ".part"):
+                out[rel] = [os.path.getsize(p), _crc32(p)]
+    return dict(sorted(out.items()))
+
+
+def verify(path: str) -> Optional[str]:
+    """Why checkpoint ``path`` cannot be resumed (one phrase), or None when its files match its manifest
+    (a checkpoint written before manifests: its trainer state must parse)."""
+    try:
+        state = read_state(path)
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} unreadable ({type(e).__name__})"
+    for rel, (size, crc) in (state.get("manifest") or {}).items():
+        p = os.path.join(path, rel)
+        if not os.path.isfile(p):
+            return f"{rel} is missing"
+        if os.path.getsize(p) != size:
+            return f"{rel} has {os.path.getsize(p)} bytes, {size} were written"
+        if _crc32(p) != crc:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def resolve(output_dir: str, spec: Optional[str], log=print) -> Optional[str]:
+    """``--resume_from_checkpoint``: ``latest`` (the newest checkpoint that verifies, None if there is
+    none yet) or a path / folder name (refused if it does not verify)."""
     if not spec:
         return None
     if spec == "latest":
         found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
+        bad = []
+        for _, path in reversed(found):
+            why = verify(path)
+            if why is None:
+                if bad:
+                    log(f"resuming from {os.path.basename(path)} instead: " + "; ".join(bad)
+                        + " (kept for inspection, never deleted)")
+                return path
+            bad.append(f"{os.path.basename(path)} is corrupt ({why})")
+        if bad:
+            raise UserError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir!r} verifies: "
+                            + "; ".join(bad))
+        return None
     path = spec if os.path.isdir(spec) else os.path.join(output_dir, spec)
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise MissingInput(f"--resume_from_checkpoint: {spec!r} is not a complete checkpoint (a folder with "
                            f"{STATE_FILE}; 'latest' picks the newest in --output_dir)")
+    why = verify(path)
+    if why is not None:
+        raise UserError(f"--resume_from_checkpoint: {path} is corrupt ({why}); pass an older checkpoint, or "
+                        f"'latest' to take the newest that verifies")
     return path
 
 
@@ -123,6 +183,7 @@ def finish(output_dir: str, step: int, state: dict, total_limit: Optional[int] =
     """Write ``trainer_state.json`` last, rename the folder into place, prune old checkpoints."""
     tmp = tmp_path(output_dir, step)
     final = os.path.join(output_dir, f"checkpoint-{step}")
+    state = dict(state, manifest=manifest(tmp))
     with open(os.path.join(tmp, STATE_FILE + ".part"), "w") as f:
         json.dump(state, f, indent=1)
         f.flush()
@@ -130,7 +191,13 @@ def finish(output_dir: str, step: int, state: dict, total_limit: Optional[int] =
     os.replace(os.path.join(tmp, STATE_FILE + ".part"), os.path.join(tmp, STATE_FILE))
     _fsync_dir(tmp)
     if os.path.exists(final):
-        shutil.rmtree(final)
+        if os.path.isfile(os.path.join(final, STATE_FILE)) and verify(final) is not None:
+            n = 0  # a corrupt checkpoint of this step (the run resumed before it): kept, under another name
+            while os.path.exists(f"{final}.corrupt{n}"):
+                n += 1
+            os.replace(final, f"{final}.corrupt{n}")
+        else:
+            shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(output_dir)
     if total_limit is not None and total_limit > 0:
@@ -139,11 +206,36 @@ def finish(output_dir: str, step: int, state: dict, total_limit: Optional[int] =
     return final
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a full disk: ENOSPC, or torch's stream writer's short write
+    ("unexpected pos ... vs ..."), which hides the errno."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "unexpected pos" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def full_disk_error(output_dir: str, step: int) -> UserError:
+    kept = list_checkpoints(output_dir)
+    return UserError(f"--output_dir: the disk is full (ENOSPC) while writing checkpoint-{step} in {output_dir!r}; "
+                     f"the partial save was removed" + (f", {os.path.basename(kept[-1][1])} is kept" if kept else "")
+                     + "; free space and resume with --resume_from_checkpoint latest")
+
+
 def save_atomic(output_dir: str, step: int, write: Callable[[str], dict], total_limit: Optional[int] = None) -> str:
     """Write checkpoint ``step`` in one process: ``write(tmp_dir)`` fills the folder, returns the trainer state."""
     tmp = begin(output_dir, step)
-    state = write(tmp)
-    return finish(output_dir, step, state, total_limit)
+    try:
+        state = write(tmp)
+        return finish(output_dir, step, state, total_limit)
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # ours, and incomplete; frees what it held
+        raise full_disk_error(output_dir, step) from None
 
 
 def read_state(path: str) -> dict:

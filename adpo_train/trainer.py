@@ -54,6 +54,7 @@ from .errors import Interrupted, RunCutShort, UserError
 MEMORY_FILE = "memory_per_rank.json"  # written at the end of a run: bytes each rank holds
 SCHEDULER_FILE = "lr_scheduler.pt"  # --distributed fsdp checkpoints (accelerate's save_state writes its own)
 TRAIN_STATE_FILE = "custom_checkpoint_0.pkl"  # the TrainState, written by accelerate's checkpointing
+FINAL_OUTPUTS = (LORA_WEIGHT_NAME, "unet")  # written when a run completes (a finished run is never requeued)
 from .signals import StopRequest
 from .state import F, StepMetrics, StepOptions, TrainState, train_step
 from .step import StepModels, compile_unet
@@ -172,7 +173,12 @@ def _accelerator(config: TrainConfig, held: contextlib.ExitStack):
 
     resuming = bool(config.resume_from_checkpoint) and (
         config.resume_from_checkpoint != "latest" or bool(ckpt.list_checkpoints(config.output_dir)))
-    ckpt.check_output_dir(config.output_dir, resuming, bool(config.overwrite_output_dir), config.logging_dir,
+    # a requeue of a run that died before its first checkpoint: "latest" starts it afresh, replacing
+    # that run's outputs (the package's own names; a finished run, with its final weights, is refused)
+    requeued = (config.resume_from_checkpoint == "latest" and not resuming
+                and not any(os.path.exists(os.path.join(config.output_dir, n)) for n in FINAL_OUTPUTS))
+    overwrite = bool(config.overwrite_output_dir) or requeued
+    ckpt.check_output_dir(config.output_dir, resuming, overwrite, config.logging_dir,
                           remove=False)  # every rank refuses alike; the main process removes (below)
     log_with = trackers(config.report_to)
     # cpu=True without a visible GPU: under torchrun that is what makes accelerate set up DDP over gloo
@@ -188,7 +194,7 @@ def _accelerator(config: TrainConfig, held: contextlib.ExitStack):
         os.makedirs(config.output_dir, exist_ok=True)
         held.enter_context(locks.hold(locks.lock_path(config.output_dir, inside=True),
                                       f"output folder {config.output_dir}", "--output_dir"))
-        ckpt.check_output_dir(config.output_dir, resuming, bool(config.overwrite_output_dir), config.logging_dir)
+        ckpt.check_output_dir(config.output_dir, resuming, overwrite, config.logging_dir)
     accelerator.wait_for_everyone()
     if accelerator.device.type == "cpu" and getattr(config, "cpu_threads", None):
         torch.set_num_threads(config.cpu_threads)
@@ -483,7 +489,7 @@ def _resume(run: _Run) -> None:
     config, st, acc = run.config, run.state, run.accelerator
     if run.main_proc:
         ckpt.remove_partial(config.output_dir)  # left by a save that crashed: never complete
-    resume = ckpt.resolve(config.output_dir, config.resume_from_checkpoint)
+    resume = ckpt.resolve(config.output_dir, config.resume_from_checkpoint, run.log)
     if config.resume_from_checkpoint and resume is None:
         run.log(f"no checkpoint in {config.output_dir}; starting fresh")
     if not resume:

@@ -92,3 +92,72 @@ def test_a_full_disk_while_logging_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(jsonl, "_write", full)
     with pytest.raises(UserError, match=r"the disk is full \(ENOSPC\) while appending to .*metrics.jsonl"):
         train_on_toy_cache(tmp_path / "run", "--max_train_steps", "2", "--logging_steps", "1")
+
+
+def _corrupt(path, how):
+    data = open(path, "rb").read()
+    if how == "truncate":
+        open(path, "wb").write(data[: len(data) // 2])
+    elif how == "bitflip":
+        mid = len(data) // 2
+        open(path, "wb").write(data[:mid] + bytes([data[mid] ^ 0x10]) + data[mid + 1:])
+    else:
+        os.remove(path)
+
+
+@pytest.mark.parametrize("how", ["truncate", "bitflip", "delete"])
+def test_a_corrupt_latest_checkpoint_falls_back_and_is_kept(tmp_path, how, capsys):
+    """Defect 5 and 9: a truncated, bit-flipped or deleted file of the latest checkpoint is caught by its
+    manifest; ``latest`` resumes from the one before, reports the corrupt one and keeps it."""
+    out = tmp_path / "run"
+    flags = ("--max_train_steps", "6", "--checkpointing_steps", "2")
+    assert train_on_toy_cache(out, *flags, "--stop_after_steps", "4")["stopped"]
+    victim = next(p for p in sorted((out / "checkpoint-4").rglob("*")) if p.is_file()
+                  and p.name.endswith((".safetensors", ".bin")) and p.stat().st_size > 64)
+    _corrupt(victim, how)
+    capsys.readouterr()
+    from adpo_train import checkpoint as ckpt
+
+    assert ckpt.verify(str(out / "checkpoint-4")) is not None and ckpt.verify(str(out / "checkpoint-2")) is None
+    with pytest.raises(UserError, match="checkpoint-4 is corrupt"):
+        train_on_toy_cache(out, *flags, "--resume_from_checkpoint", str(out / "checkpoint-4"))
+    assert train_on_toy_cache(out, *flags, "--resume_from_checkpoint", "latest")["global_step"] == 6
+    assert os.path.isdir(out / "checkpoint-4.corrupt0"), os.listdir(out)  # kept, under another name
+    assert ckpt.verify(str(out / "checkpoint-4")) is None  # rewritten by the resumed run
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_the_previous_one_kept(tmp_path, monkeypatch):
+    """Defect 9: torch's writer reported a full disk as 'unexpected pos 93440 vs 93328'."""
+    from adpo_train import trainer
+
+    real = trainer._write_checkpoint_files
+
+    def full_at_step_4(run, meta, path):
+        real(run, meta, path)
+        if meta["global_step"] == 4:
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed... unexpected pos 93440 vs 93328")
+        return meta
+
+    monkeypatch.setattr(trainer, "_write_checkpoint_files", full_at_step_4)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"disk is full \(ENOSPC\) while writing checkpoint-4.*checkpoint-2 is kept"):
+        train_on_toy_cache(out, "--max_train_steps", "6", "--checkpointing_steps", "2")
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-2"]
+
+
+def test_latest_with_no_checkpoint_yet_starts_fresh(tmp_path):
+    """Defect 6: a run that died before its first checkpoint; the requeue's 'latest' was refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n')  # the dead run's log
+    (out / "notes.txt").write_text("mine")
+    assert train_on_toy_cache(out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")["global_step"] == 2
+    assert (out / "notes.txt").read_text() == "mine"
+    # a finished run (its final weights) with no checkpoint left is never replaced that way
+    import shutil
+
+    for p in out.glob("checkpoint-*"):
+        shutil.rmtree(p)
+    with pytest.raises(UserError, match="holds another run"):
+        train_on_toy_cache(out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
