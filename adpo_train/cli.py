@@ -182,6 +182,9 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpointing_steps", type=int)
     g.add_argument("--checkpoints_total_limit", type=int)
     g.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
+    g.add_argument("--allow_config_change", action="store_true", help="resume although an option that changes "
+                   "the math or the data order (learning rate, schedule, batch size, processes, loss, seed, LoRA "
+                   "rank, ...) differs from the checkpoint's; the log names each change")
     g.add_argument("--stop_after_steps", type=int, help="checkpoint and exit after this many optimisation "
                    "steps, as if preempted (resume with --resume_from_checkpoint latest)")
     g.add_argument("--report_to", help="tensorboard (default; skipped quietly when not installed), wandb, "

@@ -120,6 +120,7 @@ class TrainConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: Optional[int] = None
     resume_from_checkpoint: Optional[str] = None
+    allow_config_change: bool = False
     stop_after_steps: Optional[int] = None
     report_to: str = "tensorboard"
     logging_steps: int = 10

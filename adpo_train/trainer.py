@@ -54,6 +54,17 @@ from .errors import Interrupted, RunCutShort, UserError
 MEMORY_FILE = "memory_per_rank.json"  # written at the end of a run: bytes each rank holds
 SCHEDULER_FILE = "lr_scheduler.pt"  # --distributed fsdp checkpoints (accelerate's save_state writes its own)
 TRAIN_STATE_FILE = "custom_checkpoint_0.pkl"  # the TrainState, written by accelerate's checkpointing
+# Options that change the math or the data order: a resume with another value is refused unless
+# --allow_config_change (paths are left out: a requeue may find the same data elsewhere; the cache's own
+# model fingerprint covers the model).  max_train_steps / num_train_epochs only where the schedule decays.
+RESUME_CHECKED = ("train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
+                  "lr_warmup_steps", "lr_num_cycles", "lr_power", "adam_beta1", "adam_beta2", "adam_weight_decay",
+                  "adam_epsilon", "max_grad_norm", "use_8bit_adam", "mixed_precision", "seed", "rank", "lora_alpha",
+                  "lora_target_modules", "lora_init", "full_finetune", "ema_decays", "ema_warmup_steps",
+                  "prediction_type", "max_train_samples", "resolution", "no_hflip", "random_crop",
+                  "inject_label_noise", "flip_seed", "unet_config", "synthetic_pairs", "toy_pairs")
+RESUME_FIXED = ("rank", "lora_target_modules", "full_finetune", "unet_config")  # the saved tensors' shapes
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 FINAL_OUTPUTS = (LORA_WEIGHT_NAME, "unet")  # written when a run completes (a finished run is never requeued)
 from .signals import StopRequest
 from .state import F, StepMetrics, StepOptions, TrainState, train_step
@@ -501,6 +512,7 @@ def _resume(run: _Run) -> None:
     if saved.get("distributed", "ddp") != config.distributed:
         raise UserError(f"--resume_from_checkpoint: {resume} was written with --distributed "
                         f"{saved.get('distributed', 'ddp')}; resume it with the same")
+    _check_recorded(run, saved, resume)
     if not os.path.isfile(os.path.join(resume, TRAIN_STATE_FILE)):
         raise UserError(f"--resume_from_checkpoint: {resume} was written by an older adpo-train (no "
                         f"{TRAIN_STATE_FILE}); resume it with the version that wrote it")
@@ -528,15 +540,60 @@ def _load_sharded(run: _Run, path: str, saved: dict) -> None:
     acc.step = saved["accelerator_step"]
 
 
+def _recorded(run: _Run) -> dict:
+    """What a checkpoint records of the options a resume must not change (JSON values)."""
+    c = run.config
+    keys = RESUME_CHECKED + (() if c.lr_scheduler in CONSTANT_SCHEDULES else ("max_train_steps",))
+    rec = {k: getattr(c, k) for k in keys}
+    rec["processes"] = run.world
+    rec["loss"] = dataclasses.asdict(run.state.cfg)
+    return json.loads(json.dumps(rec, default=str))
+
+
+def _check_recorded(run: _Run, saved: dict, resume: str) -> None:
+    """Refuse a resume whose math or data order differs from the checkpoint's (one line, old and new),
+    unless --allow_config_change (then the log names each change)."""
+    old, new = saved.get("recorded"), _recorded(run)
+    if old is None:  # written before checkpoints recorded it
+        return
+    changes = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if k == "loss" and isinstance(a, dict) and isinstance(b, dict):
+            changes += [f"loss {f}: {a.get(f)!r} -> {b.get(f)!r}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+        elif k in old and k in new and a != b:
+            changes.append(f"{'--' + k if k != 'processes' else 'processes'}: {a!r} -> {b!r}")
+    if not changes:
+        return
+    fixed = [c for c in changes if c.split(":")[0].lstrip("-") in RESUME_FIXED]
+    if fixed:
+        raise UserError(f"--resume_from_checkpoint: {os.path.basename(resume)} holds tensors of other shapes ("
+                        + "; ".join(fixed) + "); these cannot change on a resume: resume with the same, or start "
+                        "a new run in another --output_dir")
+    if not run.config.allow_config_change:
+        raise UserError(f"--resume_from_checkpoint: {os.path.basename(resume)} was trained with other settings ("
+                        + "; ".join(changes) + "); resume with the same, or pass --allow_config_change")
+    run.log("note: resuming with changed settings (--allow_config_change): " + "; ".join(changes))
+
+
 def _write_run_config(run: _Run, named) -> None:
     config, cfg, st = run.config, run.state.cfg, run.state
     n_params = sum(p.numel() for _, p in named)
     if run.main_proc:
-        with open(os.path.join(config.output_dir, "train_config.json"), "w") as f:
-            json.dump({"args": config.to_dict(),
-                       "beta": cfg.beta, "beta_convention": config.beta_convention,
-                       "loss_config": dataclasses.asdict(cfg), "data": run.data.stats,
-                       "lora_parameters": n_params}, f, indent=1, default=str)
+        path = os.path.join(config.output_dir, "train_config.json")
+        record = {"args": config.to_dict(), "beta": cfg.beta, "beta_convention": config.beta_convention,
+                  "loss_config": dataclasses.asdict(cfg), "data": run.data.stats, "lora_parameters": n_params,
+                  "started_at_step": st.global_step, "history": []}
+        if st.global_step > 0 and os.path.isfile(path):  # a resume: the earlier segments are kept, oldest first
+            try:
+                with open(path) as f:
+                    prev = json.load(f)
+                record["history"] = prev.pop("history", []) + [prev]
+            except (OSError, ValueError):
+                run.log(f"note: {path} was unreadable; its earlier segments are not kept")
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
     run.log(f"adpo-train: {len(run.data.dataset)} pairs, {run.batches_per_epoch} batches/epoch of "
             f"{config.train_batch_size} pairs, {config.max_train_steps} steps, "
             f"{'Adaptive-DPO' if cfg.adaptive else 'Diffusion-DPO'} beta={cfg.beta:g} ({config.beta_convention}), "
@@ -596,7 +653,7 @@ def write_checkpoint(run: _Run) -> str:
     meta = {"global_step": step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch,
             "num_corrupt_seen": st.num_corrupt_seen, "steps_since_log": st.steps_since_log,
             "skipped_steps_total": st.skipped_total, "world_size": acc.num_processes,
-            "distributed": config.distributed, "accelerator_step": acc.step,
+            "distributed": config.distributed, "accelerator_step": acc.step, "recorded": _recorded(run),
             "ema": st.annotators.state_meta() if st.annotators is not None else None}
     write = functools.partial(_write_checkpoint_files, run, meta)
     acc.wait_for_everyone()

@@ -161,3 +161,28 @@ def test_latest_with_no_checkpoint_yet_starts_fresh(tmp_path):
         shutil.rmtree(p)
     with pytest.raises(UserError, match="holds another run"):
         train_on_toy_cache(out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+
+
+def test_a_resume_with_changed_math_is_refused_unless_allowed(tmp_path, capsys):
+    """Defect 2: a changed --learning_rate was ignored silently, --train_batch_size / --seed applied from the
+    resume step on, --rank crashed with a state_dict size mismatch; train_config.json was overwritten."""
+    import json
+
+    out = tmp_path / "run"
+    flags = ("--max_train_steps", "4", "--checkpointing_steps", "2")
+    assert train_on_toy_cache(out, *flags, "--stop_after_steps", "2")["stopped"]
+    resume = ("--resume_from_checkpoint", "latest")
+    with pytest.raises(UserError) as e:
+        train_on_toy_cache(out, *flags, *resume, "--learning_rate", "1e-4", "--seed", "3")
+    msg = str(e.value)
+    assert "\n" not in msg and "--learning_rate: 1e-05 -> 0.0001" in msg and "--seed: 0 -> 3" in msg, msg
+    assert "--allow_config_change" in msg
+    for bad in (("--rank", "4"), ("--rank", "4", "--allow_config_change")):
+        with pytest.raises(UserError, match=r"--rank: 8 -> 4.*cannot change on a resume"):
+            train_on_toy_cache(out, *flags, *resume, *bad)
+    capsys.readouterr()
+    assert train_on_toy_cache(out, *flags, *resume, "--learning_rate", "1e-4", "--allow_config_change",
+                              "--quiet")["global_step"] == 4
+    cfg = json.load(open(out / "train_config.json"))
+    assert cfg["args"]["learning_rate"] == 1e-4 and cfg["started_at_step"] == 2
+    assert [h["args"]["learning_rate"] for h in cfg["history"]] == [1e-5] and cfg["history"][0]["started_at_step"] == 0
