@@ -26,6 +26,8 @@ from .errors import MissingInput, UserError
 STATE_FILE = "trainer_state.json"
 TMP_PREFIX = ".tmp-checkpoint-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_TMP_NAME = re.compile(r"^\.tmp-checkpoint-\d+$")  # only the package's own: a user's .tmp-checkpoint-notes is not
+RECORD_FILE = ".adpo-train-outputs.json"  # what the package wrote here: all that --overwrite_output_dir removes
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -117,12 +119,63 @@ RUN_DIRS = ("unet", "validation", "latent_cache")
 
 
 def run_outputs(output_dir: str, logging_dir: str = "logs") -> list[str]:
-    """Names in ``output_dir`` that a previous run wrote."""
+    """Names in ``output_dir`` that look like a previous run's (a fresh run is refused while any is there)."""
     if not os.path.isdir(output_dir):
         return []
     names = set(RUN_FILES) | set(RUN_DIRS) | {logging_dir}
-    return sorted(n for n in os.listdir(output_dir)
-                  if n in names or _NAME.match(n) or n.startswith(TMP_PREFIX))
+    return sorted(n for n in os.listdir(output_dir) if n in names or _NAME.match(n) or _TMP_NAME.match(n))
+
+
+def _snapshot(output_dir: str, logging_dir: str) -> dict:
+    names = sorted(n for n in os.listdir(output_dir) if not n.startswith(".adpo-train")) \
+        if os.path.isdir(output_dir) else []
+    logs_at = os.path.join(output_dir, logging_dir)
+    logs = sorted(os.path.relpath(os.path.join(d, f), logs_at) for d, _, fs in os.walk(logs_at) for f in fs)
+    return {"names": names, "logs": logs}
+
+
+def _read_record(output_dir: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(output_dir, RECORD_FILE)) as f:
+            rec = json.load(f)
+        return rec if isinstance(rec, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_record(output_dir: str, rec: dict) -> None:
+    path = os.path.join(output_dir, RECORD_FILE)
+    with open(path + ".part", "w") as f:
+        json.dump(rec, f, indent=1)
+    os.replace(path + ".part", path)
+
+
+def start_record(output_dir: str, logging_dir: str = "logs") -> None:
+    """At a run's start (main process, after the lock and the checks): note what is here already, so
+    that :func:`record_outputs` can tell what this run adds."""
+    rec = _read_record(output_dir) or {"names": [], "logs": []}
+    rec["present_at_start"] = _snapshot(output_dir, logging_dir)
+    _write_record(output_dir, rec)
+
+
+def record_outputs(output_dir: str, logging_dir: Optional[str] = "logs") -> None:
+    """Add what appeared since :func:`start_record` to the package's record (the top-level names after
+    each checkpoint, ``logging_dir=None``; the tracker files too when the run ends)."""
+    rec = _read_record(output_dir)
+    if rec is None or not os.path.isdir(output_dir):
+        return
+    start, now = rec.get("present_at_start", {}), _snapshot(output_dir, logging_dir or "logs")
+    for key in ("names",) if logging_dir is None else ("names", "logs"):
+        mine = set(rec.get(key, [])) | (set(now[key]) - set(start.get(key, [])))
+        rec[key] = sorted(mine & set(now[key]))  # a name removed since is no longer ours to remove
+    _write_record(output_dir, rec)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def check_output_dir(output_dir: str, resuming: bool, overwrite: bool, logging_dir: str = "logs",
@@ -139,11 +192,23 @@ def check_output_dir(output_dir: str, resuming: bool, overwrite: bool, logging_d
         raise UserError(f"--output_dir: {output_dir!r} holds another run ({', '.join(found[:4])}"
                         f"{', ...' if len(found) > 4 else ''}); resume it with --resume_from_checkpoint latest, "
                         f"or pass --overwrite_output_dir to replace it")
-    for name in found if remove else ():
+    if not remove:
+        return
+    rec = _read_record(output_dir)
+    if rec is None:  # a folder of an adpo-train from before the record: its names, checkpoints with their state
+        names = [n for n in found if n != logging_dir and (not _NAME.match(n) or os.path.isfile(
+            os.path.join(output_dir, n, STATE_FILE)))]
+        logs = []
+    else:  # by the record: what the package wrote, nothing else (a user's file beside it stays)
+        names, logs = [n for n in rec.get("names", []) if n != logging_dir], rec.get("logs", [])
+    for name in names:
         if name == "latent_cache":  # may be reused by --cache_latents; build_cache replaces it safely
             continue
-        path = os.path.join(output_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        _remove(os.path.join(output_dir, name))
+    for rel in logs:
+        _remove(os.path.join(output_dir, logging_dir, rel))
+    if rec is not None:
+        _write_record(output_dir, {"names": [n for n in rec.get("names", []) if n == "latent_cache"], "logs": []})
 
 
 def _fsync_dir(path: str) -> None:
@@ -167,7 +232,7 @@ def tmp_path(output_dir: str, step: int) -> str:
 def remove_partial(output_dir: str) -> None:
     """Remove the temporary folders of saves that never completed (a crash mid-write)."""
     for name in os.listdir(output_dir):
-        if name.startswith(TMP_PREFIX):
+        if _TMP_NAME.match(name):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
@@ -200,6 +265,7 @@ def finish(output_dir: str, step: int, state: dict, total_limit: Optional[int] =
             shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(output_dir)
+    record_outputs(output_dir, None)  # a kill -9 later: this checkpoint and the logs so far are on record
     if total_limit is not None and total_limit > 0:
         for _, path in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(path, ignore_errors=True)

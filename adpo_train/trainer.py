@@ -206,6 +206,8 @@ def _accelerator(config: TrainConfig, held: contextlib.ExitStack):
         held.enter_context(locks.hold(locks.lock_path(config.output_dir, inside=True),
                                       f"output folder {config.output_dir}", "--output_dir"))
         ckpt.check_output_dir(config.output_dir, resuming, overwrite, config.logging_dir)
+        ckpt.start_record(config.output_dir, config.logging_dir)
+        held.callback(ckpt.record_outputs, config.output_dir, config.logging_dir)  # however the run ends
     accelerator.wait_for_everyone()
     if accelerator.device.type == "cpu" and getattr(config, "cpu_threads", None):
         torch.set_num_threads(config.cpu_threads)

@@ -186,3 +186,27 @@ def test_a_resume_with_changed_math_is_refused_unless_allowed(tmp_path, capsys):
     cfg = json.load(open(out / "train_config.json"))
     assert cfg["args"]["learning_rate"] == 1e-4 and cfg["started_at_step"] == 2
     assert [h["args"]["learning_rate"] for h in cfg["history"]] == [1e-5] and cfg["history"][0]["started_at_step"] == 0
+
+
+def test_overwrite_removes_only_what_the_package_wrote(tmp_path):
+    """Defect 7: --overwrite_output_dir deleted a user's checkpoint-5000/important.txt, .tmp-checkpoint-notes-mine/
+    and logs/mine.txt; a user's .tmp-checkpoint-* folder blocked a fresh run."""
+    out = tmp_path / "run"
+    (out / ".tmp-checkpoint-notes-mine").mkdir(parents=True)
+    (out / ".tmp-checkpoint-notes-mine" / "n.txt").write_text("mine")
+    # a fresh run is not blocked by the user's folder, and no save removes it
+    assert train_on_toy_cache(out, "--max_train_steps", "2", "--checkpointing_steps", "1")["global_step"] == 2
+    assert (out / ".tmp-checkpoint-notes-mine" / "n.txt").read_text() == "mine"
+    (out / "checkpoint-5000").mkdir()
+    (out / "checkpoint-5000" / "important.txt").write_text("mine")
+    (out / "logs").mkdir(exist_ok=True)
+    (out / "logs" / "mine.txt").write_text("mine")
+    (out / "metrics_by_hand.csv").write_text("mine")
+    ours = {"checkpoint-1", "checkpoint-2", "metrics.jsonl", "train_config.json", "pytorch_lora_weights.safetensors"}
+    assert ours <= set(os.listdir(out))
+    assert train_on_toy_cache(out, "--max_train_steps", "1", "--checkpointing_steps", "100",
+                              "--overwrite_output_dir")["global_step"] == 1
+    for p in (".tmp-checkpoint-notes-mine/n.txt", "checkpoint-5000/important.txt", "logs/mine.txt",
+              "metrics_by_hand.csv"):
+        assert (out / p).read_text() == "mine", p
+    assert not (out / "checkpoint-2").exists()  # the first run's (checkpoint-1 is the new run's last step)
