@@ -3,7 +3,8 @@
 Nothing here holds the dataset: :func:`open_source` lists its blocks from file metadata, the
 index of kept pairs is built from the ``label_0`` column alone (one block at a time), and the
 image bytes of a pair are read on demand with the rest of their block (parquet: buffered reads;
-arrow: memory-mapped, the map closed with the file's last cached block) into a small bounded LRU (:class:`BlockReader`, ``BLOCK_CACHE`` blocks per process).  Peak memory is
+arrow: memory-mapped, the map closed with the file's last cached block) into a small bounded LRU
+(:class:`BlockReader`, ``BLOCK_CACHE`` blocks per process).  Peak memory is
 therefore ``BLOCK_CACHE`` blocks plus the index (a few int64 per row), whatever the dataset's
 size.
 

@@ -562,7 +562,8 @@ def _check_recorded(run: _Run, saved: dict, resume: str) -> None:
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if k == "loss" and isinstance(a, dict) and isinstance(b, dict):
-            changes += [f"loss {f}: {a.get(f)!r} -> {b.get(f)!r}" for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+            changes += [f"loss {f}: {a.get(f)!r} -> {b.get(f)!r}" for f in sorted(set(a) | set(b))
+                        if a.get(f) != b.get(f)]
         elif k in old and k in new and a != b:
             changes.append(f"{'--' + k if k != 'processes' else 'processes'}: {a!r} -> {b!r}")
     if not changes:

@@ -27,7 +27,7 @@ def _backends():
             from adpo_kernels.triton import _common, mse as _mse
 
             if not _common.is_interpreted(_mse._mse_partial_kernel):
-                why = "Triton compiles for a GPU here (TRITON_INTERPRET != 1); the CPU tensors below need the interpreter"
+                why = "Triton compiles for a GPU here (TRITON_INTERPRET != 1); these CPU tensors need the interpreter"
         out.append(pytest.param(name, marks=pytest.mark.skipif(bool(why), reason=f"{name}: {why}")))
     return out
 
