@@ -36,6 +36,29 @@ def holder_pid(path: str) -> str:
         return "unknown"
 
 
+def _refusal(path: str, what: str, flag: str) -> UserError:
+    return UserError(f"{flag}: the {what} is in use by another adpo-train process (pid "
+                     f"{holder_pid(path)}); wait for it to finish or choose another folder")
+
+
+def probe(path: str, what: str, flag: str) -> None:
+    """Raise :func:`hold`'s refusal if another process holds ``path`` now, without taking it: a shared
+    lock, dropped at once, so that every rank of a multi-process run can check (and refuse alike)
+    before the main process takes the exclusive one."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise _refusal(path, what, flag) from None
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def hold(path: str, what: str, flag: str):
     """Hold an exclusive lock on the file ``path`` (created if missing) for the ``with`` block.
@@ -51,8 +74,7 @@ def hold(path: str, what: str, flag: str):
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            raise UserError(f"{flag}: the {what} is in use by another adpo-train process (pid "
-                            f"{holder_pid(path)}); wait for it to finish or choose another folder") from None
+            raise _refusal(path, what, flag) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         os.fsync(fd)

@@ -210,3 +210,17 @@ def test_overwrite_removes_only_what_the_package_wrote(tmp_path):
               "metrics_by_hand.csv"):
         assert (out / p).read_text() == "mine", p
     assert not (out / "checkpoint-2").exists()  # the first run's (checkpoint-1 is the new run's last step)
+
+
+def test_probe_refuses_while_held_and_never_blocks_itself(tmp_path):
+    """Every rank of a multi-process run probes the lock before the main process takes it: a shared lock
+    that conflicts with a holder, not with the other ranks' probes, and is gone at once."""
+    path = locks.lock_path(str(tmp_path), inside=True)
+    locks.probe(path, "output folder x", "--output_dir")  # no lock file yet
+    with locks.hold(path, "output folder x", "--output_dir"):
+        with pytest.raises(UserError, match=rf"--output_dir: the output folder x is in use .*pid {os.getpid()}"):
+            locks.probe(path, "output folder x", "--output_dir")
+    locks.probe(path, "output folder x", "--output_dir")
+    locks.probe(path, "output folder x", "--output_dir")
+    with locks.hold(path, "output folder x", "--output_dir"):  # the probes left nothing held
+        pass
