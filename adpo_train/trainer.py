@@ -190,7 +190,9 @@ def _accelerator(config: TrainConfig, held: contextlib.ExitStack):
                 and not any(os.path.exists(os.path.join(config.output_dir, n)) for n in FINAL_OUTPUTS))
     overwrite = bool(config.overwrite_output_dir) or requeued
     # every rank refuses a held folder alike (the main process alone would leave the others at a barrier)
-    locks.probe(locks.lock_path(config.output_dir, inside=True), f"output folder {config.output_dir}", "--output_dir")
+    if os.path.isdir(config.output_dir):  # (not a folder: check_output_dir below says so)
+        locks.probe(locks.lock_path(config.output_dir, inside=True), f"output folder {config.output_dir}",
+                    "--output_dir")
     ckpt.check_output_dir(config.output_dir, resuming, overwrite, config.logging_dir,
                           remove=False)  # every rank refuses alike; the main process removes (below)
     log_with = trackers(config.report_to)

@@ -30,8 +30,12 @@ def test_sdxl_cache_and_training(tmp_path):
     model, data, cache = _sdxl_assets()
     index = json.load(open(os.path.join(cache, "index.json")))
     assert index["sdxl"] and index["num_pairs"] == 12
-    shard = load_file(os.path.join(cache, index["shards"][0]["file"]))
+    from adpo_train.data import CachedPairDataset, collate_cached
+
+    # cache v2: text and pooled once per caption (text shards), read back per pair by the dataset
     n = index["num_pairs"]
+    shard = collate_cached([CachedPairDataset(cache)[i] for i in range(n)])
+    assert load_file(os.path.join(cache, index["text_shards"][0]["file"]))["text"].shape[1:] == (16, 64)
     assert shard["text"].shape == (n, 16, 64)  # both encoders' penultimate states, concatenated
     assert shard["pooled"].shape == (n, 32)
     assert shard["time_ids"].shape == (n, 2, 6)
