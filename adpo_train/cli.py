@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -272,12 +273,39 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     if args.enable_xformers_memory_efficient_attention:
         values["attention"] = "xformers"
+    _check_ranges(values)
     loss_config = _loss_config(args, toy, sdxl)
     if not loss_config.adaptive:
         values["ema_decays"] = ()
     return TrainConfig(**{**values, "pretrained_model_name_or_path": model, "pretrained_vae_model_name_or_path": vae,
                           "synthetic_pairs": synthetic_pairs, "toy": toy, "sdxl": sdxl, "loss_config": loss_config,
                           "beta_convention": compat.beta_note(args.beta_dpo, args.beta, sdxl)})
+
+
+# The numeric options' ranges (a 0 batch size reached the sampler as a ZeroDivisionError).
+_AT_LEAST_1 = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_train_epochs", "rank",
+               "logging_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps",
+               "vae_encode_batch_size", "cpu_threads", "validation_steps", "validation_inference_steps",
+               "toy_pairs", "synthetic_pairs", "max_train_samples", "lr_num_cycles", "resolution")
+_AT_LEAST_0 = ("lr_warmup_steps", "ema_warmup_steps", "dataloader_num_workers", "seed", "flip_seed")
+_ABOVE_0 = ("learning_rate", "adam_epsilon", "max_grad_norm")
+
+
+def _check_ranges(values: dict) -> None:
+    """One-line :class:`UserError` naming the flag for a number outside its range."""
+    for k, v in values.items():
+        if v is None or isinstance(v, bool):
+            continue
+        if k in _AT_LEAST_1 and v < 1:
+            raise UserError(f"--{k} must be at least 1, got {v}")
+        if k in _AT_LEAST_0 and v < 0:
+            raise UserError(f"--{k} must be at least 0, got {v}")
+        if k in _ABOVE_0 and not (v > 0 and math.isfinite(v)):
+            raise UserError(f"--{k} must be a positive finite number, got {v}")
+        if k in ("adam_beta1", "adam_beta2") and not 0 <= v < 1:
+            raise UserError(f"--{k} must be in [0, 1), got {v}")
+        if k == "adam_weight_decay" and not (v >= 0 and math.isfinite(v)):
+            raise UserError(f"--{k} must be a finite number >= 0, got {v}")
 
 
 def _locate_models(args: argparse.Namespace) -> tuple:

@@ -47,3 +47,20 @@ def test_first_error_finds_the_start_of_each_kind():
     # torchrun's "[rank0]:" line prefix (an uncaught exception in a rank under --redirects)
     assert first_error("[rank0]: x\n[rank0]: Traceback (most recent call last):\n[rank0]:   f\n").startswith(
         "[rank0]: Traceback")
+
+
+@pytest.mark.parametrize("env, teardown", [({"WORLD_SIZE": "2"}, False), ({"WORLD_SIZE": "1"}, True),
+                                           ({"WORLD_SIZE": "2", "ADPO_TRAIN_FULL_EXIT": "1"}, True)])
+def test_a_rank_ends_without_interpreter_teardown(env, teardown):
+    """adpo_train.cli.main as a program in one of several ranks ends with os._exit after flushing (the
+    gloo abort in teardown, see its docstring): the exit code and the output survive, atexit does not run."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import atexit, sys; atexit.register(lambda: print('TEARDOWN', flush=True)); "
+            "from adpo_train.cli import main; sys.exit(main())")
+    proc = subprocess.run([sys.executable, "-c", code, "--train_batch_size", "0"], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 2 and "adpo-train: error:" in proc.stderr and "--train_batch_size" in proc.stderr, proc
+    assert ("TEARDOWN" in proc.stdout) == teardown, proc

@@ -232,6 +232,11 @@ def test_user_errors_are_one_line_and_name_the_flag(tmp_path, capsys, monkeypatc
         (["--output_dir", str(out), "--push_to_hub"], "--push_to_hub is not supported", None),
         (["--output_dir", str(out), "--loss_type", "cpo"], "--loss_type cpo", None),
         (["--output_dir", str(out), "--revision", "main"], "--revision", None),
+        # numbers out of range (a 0 batch size was a ZeroDivisionError in the sampler)
+        (["--output_dir", str(out), "--train_batch_size", "0"], "--train_batch_size must be at least 1", None),
+        (["--output_dir", str(out), "--learning_rate=-1e-4"], "--learning_rate must be a positive", None),
+        (["--output_dir", str(out), "--lr_warmup_steps=-1"], "--lr_warmup_steps must be at least 0", None),
+        (["--output_dir", str(out), "--adam_beta2", "1"], "--adam_beta2 must be in [0, 1)", None),
     ]
     (tmp_path / "f.txt").write_text("keep me")
     for extra, needle, model in cases:
