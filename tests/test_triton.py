@@ -235,33 +235,13 @@ def _rank_rows(x, rank):
     return torch.cat([x[lo:hi], x[SYNC_B + lo:SYNC_B + hi]]) if x.shape[0] == 2 * SYNC_B else x[lo:hi]
 
 
-def _sync_worker(rank, world, port, out_dir):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        model, ref, target, annots = make_inputs(SYNC_B, (40,), torch.float32, K=2, seed=21)
-        local = [_rank_rows(t.detach(), rank) for t in (model, ref, target)]
-        m = local[0].requires_grad_(True)
-        out = ak.adaptive_dpo_loss(m, local[1], local[2], [_rank_rows(a, rank) for a in annots], SYNC_CFG,
-                                   backend="triton")
-        out.loss.backward()
-        torch.save({f: getattr(out, f) for f in FIELDS} | {"grad": m.grad}, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @interpreter_only
 def test_sync_stats_two_processes(tmp_path):
     """Two gloo processes with 3 and 4 pairs reproduce one process with 7 (statistics global)."""
-    import socket
+    from bench.launch import torchrun
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_sync_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    # tests/triton_sync_worker.py: each rank's log kept, its first error in the failure message
+    torchrun(["-m", "tests.triton_sync_worker", str(tmp_path)], tmp_path / "logs", timeout=300)
     model, ref, target, annots = make_inputs(SYNC_B, (40,), torch.float32, K=2, seed=21)
     whole, grad = _run("triton", model, ref, target, annots, SYNC_CFG, True)
     for rank, n in enumerate(SYNC_SPLIT):
