@@ -41,6 +41,16 @@ def _refusal(path: str, what: str, flag: str) -> UserError:
                      f"{holder_pid(path)}); wait for it to finish or choose another folder")
 
 
+def _flock(fd: int, mode: int, path: str, what: str, flag: str) -> None:
+    """``flock(fd, mode)`` without waiting; held by another process: the one-line refusal."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise _refusal(path, what, flag) from None
+
+
 def probe(path: str, what: str, flag: str) -> None:
     """Raise :func:`hold`'s refusal if another process holds ``path`` now, without taking it: a shared
     lock, dropped at once, so that every rank of a multi-process run can check (and refuse alike)
@@ -50,11 +60,7 @@ def probe(path: str, what: str, flag: str) -> None:
     except FileNotFoundError:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise
-        raise _refusal(path, what, flag) from None
+        _flock(fd, fcntl.LOCK_SH, path, what, flag)
     finally:
         os.close(fd)
 
@@ -69,12 +75,7 @@ def hold(path: str, what: str, flag: str):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            raise _refusal(path, what, flag) from None
+        _flock(fd, fcntl.LOCK_EX, path, what, flag)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         os.fsync(fd)
