@@ -113,14 +113,6 @@ class _Group:
             self.dist.destroy_process_group()
 
 
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_shard(tensors: dict, folder: str, name: str, metadata: dict) -> None:
     """Write, fsync and rename into place: a shard exists under its name only when complete."""
     from safetensors.torch import save_file
@@ -133,15 +125,7 @@ def _write_shard(tensors: dict, folder: str, name: str, metadata: dict) -> None:
     finally:
         os.close(fd)
     os.replace(part, os.path.join(folder, name))
-    _fsync_dir(folder)
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with open(path + ".partial", "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".partial", path)
+    safedir.fsync_dir(folder)
 
 
 def _caption_ids(pairs: PickAPicPairs, dedup: bool):
@@ -278,7 +262,7 @@ def _build(group: _Group, model_path, dataset_path, out_dir, *, split, resolutio
             if not done or not os.path.isfile(os.path.join(tmp, BUILD_RECORD)):
                 if len(os.listdir(tmp)) > 1:  # nothing encoded yet, or of unknown arguments: start over
                     tmp = safedir.begin(out_dir, "--latent_cache", "latent cache", keep=False)
-                _write_json(os.path.join(tmp, BUILD_RECORD), record)
+                safedir.write_json(os.path.join(tmp, BUILD_RECORD), record)
             error = _check_record(tmp, record)
         except UserError as e:
             error = str(e)
@@ -424,7 +408,7 @@ def _finish(tmp, out_dir, record, pairs, texts, text_files, pair_files, vae, sdx
             "sdxl": sdxl, "bytes": total, "bytes_per_pair": total / num_pairs,
             "flipped_pairs": [k for k, f in enumerate(flipped) if f],
             "flipped_rows": [r for r, f in zip(rows, flipped) if f]}
-    _write_json(os.path.join(tmp, CACHE_INDEX), meta)
+    safedir.write_json(os.path.join(tmp, CACHE_INDEX), meta)
     os.remove(os.path.join(tmp, BUILD_RECORD))  # the arguments live on in index.json
     safedir.commit(tmp, out_dir)
     return meta

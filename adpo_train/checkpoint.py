@@ -21,6 +21,7 @@ import shutil
 import zlib
 from typing import Callable, Optional
 
+from . import safedir
 from .errors import MissingInput, UserError
 
 STATE_FILE = "trainer_state.json"
@@ -144,10 +145,7 @@ def _read_record(output_dir: str) -> Optional[dict]:
 
 
 def _write_record(output_dir: str, rec: dict) -> None:
-    path = os.path.join(output_dir, RECORD_FILE)
-    with open(path + ".part", "w") as f:
-        json.dump(rec, f, indent=1)
-    os.replace(path + ".part", path)
+    safedir.write_json(os.path.join(output_dir, RECORD_FILE), rec, indent=1)
 
 
 def start_record(output_dir: str, logging_dir: str = "logs") -> None:
@@ -211,19 +209,6 @@ def check_output_dir(output_dir: str, resuming: bool, overwrite: bool, logging_d
         _write_record(output_dir, {"names": [n for n in rec.get("names", []) if n == "latent_cache"], "logs": []})
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def tmp_path(output_dir: str, step: int) -> str:
     """The temporary folder checkpoint ``step`` is written into before it is renamed."""
     return os.path.join(output_dir, f"{TMP_PREFIX}{step}")
@@ -254,7 +239,7 @@ def finish(output_dir: str, step: int, state: dict, total_limit: Optional[int] =
         f.flush()
         os.fsync(f.fileno())
     os.replace(os.path.join(tmp, STATE_FILE + ".part"), os.path.join(tmp, STATE_FILE))
-    _fsync_dir(tmp)
+    safedir.fsync_dir(tmp)
     if os.path.exists(final):
         if os.path.isfile(os.path.join(final, STATE_FILE)) and verify(final) is not None:
             n = 0  # a corrupt checkpoint of this step (the run resumed before it): kept, under another name
@@ -264,7 +249,7 @@ def finish(output_dir: str, step: int, state: dict, total_limit: Optional[int] =
         else:
             shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(output_dir)
+    safedir.fsync_dir(output_dir)
     record_outputs(output_dir, None)  # a kill -9 later: this checkpoint and the logs so far are on record
     if total_limit is not None and total_limit > 0:
         for _, path in list_checkpoints(output_dir)[:-total_limit]:

@@ -204,15 +204,7 @@ def prepare_output_dir(out: str, settings: dict, overwrite: bool) -> None:
         return
     with open(os.path.join(out, safedir.MARKER), "w") as f:
         f.write(f"{MARKER_KIND} written by adpo-train; the package may replace this folder\n")
-    _write_json(settings_path, settings)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    safedir.write_json(settings_path, settings, end="\n", indent=1)
 
 
 def image_name(model: str, i: int, k: int) -> str:
@@ -436,7 +428,7 @@ def _score(scorers: dict, prompts: list[str], out: str, s: dict) -> dict:
                "ci": {"method": "percentile bootstrap over prompts", "resamples": BOOTSTRAP_RESAMPLES,
                       "seed": BOOTSTRAP_SEED, "level": 0.95},
                "settings": s}
-    _write_json(os.path.join(out, "results.json"), results)
+    safedir.write_json(os.path.join(out, "results.json"), results, end="\n", indent=1)
     first = scores[next(iter(scorers))]
     diff = np.abs(first["tuned"] - first["base"])
     order = np.argsort(-diff.mean(1), kind="stable")[:GRID_PROMPTS]

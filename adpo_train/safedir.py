@@ -8,6 +8,7 @@ naming the flag, so pointing ``--latent_cache`` at a dataset folder loses nothin
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -63,3 +64,28 @@ def commit(tmp: str, final: str) -> str:
     if old and os.path.isdir(old):
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a folder (a rename in it is durable after); a filesystem that refuses it is left alone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str, obj, end: str = "", **dump_kw) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: a complete file under its name, or the old one."""
+    part = path + ".partial"  # (a build's leftovers of that name are swept, cache.py)
+    with open(part, "w") as f:
+        json.dump(obj, f, **dump_kw)
+        f.write(end)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
