@@ -59,7 +59,7 @@ def manifest(folder: str) -> dict:
         for n in files:
             p = os.path.join(d, n)
             rel = os.path.relpath(p, folder)
-            if rel not in (STATE_FILE, STATE_FILE + ".part"):
+            if rel not in (STATE_FILE, STATE_FILE + ".partial"):
                 out[rel] = [os.path.getsize(p), _crc32(p)]
     return dict(sorted(out.items()))
 
@@ -234,11 +234,7 @@ def finish(output_dir: str, step: int, state: dict, total_limit: Optional[int] =
     tmp = tmp_path(output_dir, step)
     final = os.path.join(output_dir, f"checkpoint-{step}")
     state = dict(state, manifest=manifest(tmp))
-    with open(os.path.join(tmp, STATE_FILE + ".part"), "w") as f:
-        json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(os.path.join(tmp, STATE_FILE + ".part"), os.path.join(tmp, STATE_FILE))
+    safedir.write_json(os.path.join(tmp, STATE_FILE), state, indent=1)
     safedir.fsync_dir(tmp)
     if os.path.exists(final):
         if os.path.isfile(os.path.join(final, STATE_FILE)) and verify(final) is not None:

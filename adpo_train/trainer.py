@@ -40,6 +40,7 @@ import torch
 from . import checkpoint as ckpt
 from . import jsonl
 from . import locks
+from . import safedir
 from . import skip
 from .annotators import EMAAnnotators, MixedBatchAnnotators
 from .cache import check_cache_fits
@@ -598,9 +599,7 @@ def _write_run_config(run: _Run, named) -> None:
                 record["history"] = prev.pop("history", []) + [prev]
             except (OSError, ValueError):
                 run.log(f"note: {path} was unreadable; its earlier segments are not kept")
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=1, default=str)
-        os.replace(path + ".tmp", path)
+        safedir.write_json(path, record, indent=1, default=str)
     run.log(f"adpo-train: {len(run.data.dataset)} pairs, {run.batches_per_epoch} batches/epoch of "
             f"{config.train_batch_size} pairs, {config.max_train_steps} steps, "
             f"{'Adaptive-DPO' if cfg.adaptive else 'Diffusion-DPO'} beta={cfg.beta:g} ({config.beta_convention}), "
