@@ -21,6 +21,12 @@
 
 #include "kernels.h"
 
+// Every launch goes through ADPO_LAUNCH(grid, block, shared bytes, stream, kernel)(args...): <<<>>>
+// here; the CUDA-on-CPU harness (csrc/cuda_emu), which compiles this file as C++, defines its own.
+#ifndef ADPO_LAUNCH
+#define ADPO_LAUNCH(GRID, BLOCK, SMEM, STREAM, ...) __VA_ARGS__<<<GRID, BLOCK, SMEM, STREAM>>>
+#endif
+
 namespace adpo::cuda {
 namespace {
 
@@ -364,7 +370,7 @@ void launch_mse_partials(DType dt, const void* const* preds, int64_t T, const vo
         PredPtrs<scalar_t> ptrs{};
         for (int i = 0; i < n; ++i) ptrs.p[i] = static_cast<const scalar_t*>(preds[first + i]);
         const int64_t blocks = R * nchunks * n;
-        mse_partial_kernel<scalar_t, kVec><<<(unsigned)blocks, MSE_THREADS, 0, stream>>>(
+        ADPO_LAUNCH((unsigned)blocks, MSE_THREADS, 0, stream, mse_partial_kernel<scalar_t, kVec>)(
             ptrs, n, first, static_cast<const scalar_t*>(target), R, Bt, N, nchunks,
             static_cast<acc_t<scalar_t>*>(partials));
       }
@@ -376,10 +382,10 @@ void launch_mse_combine(bool f64, const void* partials, int64_t rows, int64_t nc
                         cudaStream_t stream) {
   const unsigned blocks = (unsigned)((rows + 7) / 8);  // 8 warps (rows) per block
   if (f64) {
-    mse_combine_kernel<double><<<blocks, 256, 0, stream>>>(static_cast<const double*>(partials), rows, nchunks, N,
+    ADPO_LAUNCH(blocks, 256, 0, stream, mse_combine_kernel<double>)(static_cast<const double*>(partials), rows, nchunks, N,
                                                            static_cast<double*>(out));
   } else {
-    mse_combine_kernel<float><<<blocks, 256, 0, stream>>>(static_cast<const float*>(partials), rows, nchunks, N,
+    ADPO_LAUNCH(blocks, 256, 0, stream, mse_combine_kernel<float>)(static_cast<const float*>(partials), rows, nchunks, N,
                                                           static_cast<float*>(out));
   }
 }
@@ -387,10 +393,10 @@ void launch_mse_combine(bool f64, const void* partials, int64_t rows, int64_t nc
 void launch_pairs(bool f64, const void* mse, int64_t T, int64_t B, int64_t offset, int64_t n, const Params& p,
                   double* workspace, PairsOut out, cudaStream_t stream) {
   if (f64) {
-    pairs_kernel<double><<<1, PAIRS_THREADS, 0, stream>>>(static_cast<const double*>(mse), T, B, offset, n, p,
+    ADPO_LAUNCH(1, PAIRS_THREADS, 0, stream, pairs_kernel<double>)(static_cast<const double*>(mse), T, B, offset, n, p,
                                                            workspace, out);
   } else {
-    pairs_kernel<float><<<1, PAIRS_THREADS, 0, stream>>>(static_cast<const float*>(mse), T, B, offset, n, p,
+    ADPO_LAUNCH(1, PAIRS_THREADS, 0, stream, pairs_kernel<float>)(static_cast<const float*>(mse), T, B, offset, n, p,
                                                           workspace, out);
   }
 }
@@ -402,7 +408,7 @@ void launch_pairs_bwd(DType dt, const void* grad_loss, const void* grad_coef, co
   ADPO_DISPATCH_DTYPE(dt, scalar_t, [&] {
     ADPO_DISPATCH_BOOL(vec, kVec, [&] {
       using A = acc_t<scalar_t>;
-      pairs_bwd_kernel<scalar_t, kVec><<<(unsigned)(R * nchunks), MSE_THREADS, 0, stream>>>(
+      ADPO_LAUNCH((unsigned)(R * nchunks), MSE_THREADS, 0, stream, pairs_bwd_kernel<scalar_t, kVec>)(
           static_cast<const A*>(grad_loss), static_cast<const A*>(grad_coef),
           static_cast<const scalar_t*>(model_pred), static_cast<const scalar_t*>(target), R, Bt, N, nchunks,
           static_cast<scalar_t*>(grad));

@@ -1,0 +1,4 @@
+// Shim of <cuda_runtime.h> for the CUDA-on-CPU harness: csrc/cuda compiles as C++ with this directory first on
+// the include path (see ../cuda_emu.h).
+#pragma once
+#include "../cuda_emu.h"
