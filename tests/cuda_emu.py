@@ -56,7 +56,8 @@ def _opt(san: str) -> list[str]:
 
 
 def runtime_path(san: str) -> str:
-    out = subprocess.run([CXX, f"-print-file-name={RUNTIME_LIB[san]}"], capture_output=True, text=True, check=True)
+    out = subprocess.run([CXX, f"-print-file-name={RUNTIME_LIB[san]}"], capture_output=True, text=True, check=True,
+                         env=clean_env())
     return out.stdout.strip()
 
 
@@ -99,7 +100,7 @@ def _key(flags: list[str], extra: str = "") -> str:
     for path in _sources():
         with open(path, "rb") as f:
             h.update(os.path.relpath(path, CSRC).encode() + b"\0" + f.read() + b"\0")
-    cxx = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    cxx = subprocess.run([CXX, "--version"], capture_output=True, text=True, env=clean_env()).stdout.splitlines()[:1]
     for item in flags + cxx + [torch.__version__, sys.version, extra]:
         h.update(item.encode() + b"\0")
     return h.hexdigest()[:16]
@@ -111,11 +112,17 @@ def cache_dir() -> str:
     return _jit.cache_root()
 
 
+def clean_env(env: Optional[dict] = None) -> dict:
+    """``env`` (default: this process's) without a preloaded sanitizer runtime, for the compiler and
+    for the selftest executables, which link their own."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if k != "LD_PRELOAD"}
+
+
 def _compile(jobs: list[list[str]], log: str) -> None:
     """Runs the compiler commands two at a time (the machines have 2 cores); raises with the log."""
     with open(log, "w") as out:
         for i in range(0, len(jobs), 2):
-            procs = [subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT) for cmd in jobs[i:i + 2]]
+            procs = [subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=clean_env()) for cmd in jobs[i:i + 2]]
             codes = [p.wait() for p in procs]
             if any(codes):
                 out.flush()

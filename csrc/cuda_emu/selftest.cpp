@@ -94,7 +94,9 @@ int run_rows(bool bwd, DType dt, size_t es, int64_t R, int64_t N, size_t shift) 
       for (int64_t n = 0; n < N; ++n) s += (p[r * N + n] - t[r * N + n]) * (p[r * N + n] - t[r * N + n]);
       const double got = f64 ? static_cast<double*>(out.data)[r] : static_cast<float*>(out.data)[r];
       bad |= check(("mse row " + std::to_string(r)).c_str(), got, s / (double)N, rtol);
+      std::printf("%s%.9g", r ? " " : "values: ", got);
     }
+    std::printf("\n");
   } else {
     const int64_t B = R / 2;
     Buffer gl(1, acc), gc(B, acc), grad(R * N, es);
