@@ -63,12 +63,16 @@ def runtime_path(san: str) -> str:
 
 def sanitizer_env(san: str, env: Optional[dict] = None) -> dict:
     """The environment in which a Python process can load the ``san`` build: the runtime preloaded,
-    leak checks off (the interpreter's own allocations are not ours), the first report fatal."""
+    leak checks off (the interpreter's own allocations are not ours), the first report fatal, torch
+    on one thread."""
     env = dict(os.environ if env is None else env)
     env[ENV] = san
     env["LD_PRELOAD"] = runtime_path(san)
     env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0:halt_on_error=1:exitcode=86"
     env["TSAN_OPTIONS"] = "halt_on_error=1:exitcode=66:report_signal_unsafe=0"
+    # torch's own OpenMP threads synchronise inside libgomp, which TSan does not see: one thread,
+    # so that every report is about the harness's threads
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 

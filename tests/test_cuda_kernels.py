@@ -182,7 +182,7 @@ def test_many_annotators_up_to_and_past_one_launch(tgt, K):
     check_vs_reference(tgt, model, ref, target, annots, cfg, what=f"K={K}: ")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_offset_slices_of_the_global_batch(tgt, dtype):
     """The sync_stats path of the op: pairs offset .. offset + n of a global batch, batch
     statistics over all of it; each slice equals the CPU op's and the full run's slice.
