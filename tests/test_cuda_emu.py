@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -131,3 +132,15 @@ def test_block_order_changes_with_the_seed():
     assert len(got) > 1, f"every seed ran the blocks in the same order: {got}"
     outs = {run(None, "", "mse", "f32", "8", "1024", seed=seed).stdout for seed in range(3)}
     assert len(outs) == 1, outs
+
+
+def test_a_sanitizer_build_needs_its_runtime_preloaded():
+    """ADPO_CUDA_EMU_SANITIZER without the runtime first in the process is a clear error, not a
+    crash inside the dynamic loader."""
+    code = "from tests import cuda_emu; cuda_emu.load()"
+    env = dict(cuda_emu.clean_env(), ADPO_CUDA_EMU_SANITIZER="address")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cuda_emu.ROOT)
+    assert r.returncode != 0 and "needs the libasan.so runtime loaded before Python starts" in r.stderr, r.stderr[-2000:]
+    env["ADPO_CUDA_EMU_SANITIZER"] = "memory"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cuda_emu.ROOT)
+    assert r.returncode != 0 and "ADPO_CUDA_EMU_SANITIZER: expected 'address', 'thread' or unset" in r.stderr

@@ -6,8 +6,9 @@
 * A row length N = 0 reaching the backward (the CUDA launcher got a zero-block grid; the C++ op
   returned an empty gradient) and the MSE stage: "(2B, N) with B, N > 0" everywhere.
 
-The C++ op runs here; the CUDA ops share its checks (``csrc/op_checks.h``: ``check_pairs_args`` and
-``check_bwd_args`` are the same code for both); Triton runs in the interpreter on CPU tensors.
+The C++ op runs here, and so do the CUDA ops, on the CUDA-on-CPU harness (backend ``cuda_emu``: the
+ops_cuda.cpp and kernels.cu a GPU runs; ``csrc/op_checks.h`` holds the checks of both); Triton runs
+in the interpreter on CPU tensors.
 """
 import math
 
@@ -20,7 +21,7 @@ from adpo_kernels.dispatch import BACKENDS
 
 
 def _backends():
-    out = []
+    out = [pytest.param("cuda_emu", id="cuda_emu")]  # ops_cuda.cpp and kernels.cu on the CUDA-on-CPU harness
     for name in ("cpu", "triton"):
         why = BACKENDS[name].unavailable()
         if name == "triton" and not why:
@@ -33,6 +34,10 @@ def _backends():
 
 
 def _ops(backend):
+    if backend == "cuda_emu":
+        from tests import cuda_emu
+
+        cuda_emu.load()
     ops = torch.ops.adpo
     return getattr(ops, f"{backend}_mse"), getattr(ops, f"{backend}_pairs"), getattr(ops, f"{backend}_pairs_bwd")
 
