@@ -2,8 +2,8 @@
 
 :func:`load` compiles the checkout's ``csrc/cuda/kernels.cu`` and ``ops_cuda.cpp`` as C++ against
 ``csrc/cuda_emu`` (the harness headers and runtime) into a library that registers
-``adpo::cuda_emu_{mse,pairs,pairs_bwd}`` for CPU tensors, loads it, and adds the test-only
-backend ``cuda_emu`` to :data:`adpo_kernels.dispatch.BACKENDS`, so that
+``adpo::cuda_emu_{mse,pairs,pairs_bwd}`` for CPU tensors and loads it; :func:`registered` adds the
+test-only backend ``cuda_emu`` to :data:`adpo_kernels.dispatch.BACKENDS` for a test, so that
 ``adaptive_dpo_loss(..., backend="cuda_emu")`` runs the CUDA kernels, launchers and op code on
 CPU threads, through the same dispatch, autograd and checks as a GPU would.
 
@@ -18,6 +18,7 @@ the compiler and torch (an edit of ``kernels.cu`` is picked up without a reinsta
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -185,8 +186,8 @@ def build_selftest(kernels_cu: str, san: str = "", name: str = "selftest") -> st
 
 
 def load() -> str:
-    """Builds (once) and loads the harness's ops for this process's sanitizer; registers the
-    ``cuda_emu`` backend.  Returns the library's path.  Raises when the build fails or when the
+    """Builds (once) and loads the harness's ops (``torch.ops.adpo.cuda_emu_*``) for this process's
+    sanitizer; :func:`registered` adds the backend too.  Returns the library's path.  Raises when the build fails or when the
     sanitizer's runtime was not preloaded."""
     san = sanitizer()
     if san in _loaded:
@@ -196,12 +197,26 @@ def load() -> str:
     if san and not _runtime_loaded(san):
         raise RuntimeError(f"{ENV}={san} needs the {RUNTIME_LIB[san]} runtime loaded before Python starts: run "
                            f"with LD_PRELOAD={runtime_path(san)} (.ci/sanitizers.sh does; tests.cuda_emu.sanitizer_env)")
-    from adpo_kernels import dispatch, ops
+    from adpo_kernels import ops
 
     path = build(san)
     ops._define(BACKEND)
     torch.ops.load_library(path)
-    what = f"csrc/cuda on CPU threads (the CUDA-on-CPU harness, tests only{', ' + san + ' sanitizer' if san else ''})"
-    dispatch.BACKENDS[BACKEND] = dispatch.FusedBackend(BACKEND, ("cpu",), dispatch.ALL_DTYPES, what, lambda: None)
     _loaded[san] = path
     return path
+
+
+@contextlib.contextmanager
+def registered():
+    """:func:`load`, and the ``cuda_emu`` backend in ``dispatch.BACKENDS`` for the duration (tests
+    of the user-facing backend list must not see it)."""
+    from adpo_kernels import dispatch
+
+    san = sanitizer()
+    load()
+    what = f"csrc/cuda on CPU threads (the CUDA-on-CPU harness, tests only{', ' + san + ' sanitizer' if san else ''})"
+    dispatch.BACKENDS[BACKEND] = dispatch.FusedBackend(BACKEND, ("cpu",), dispatch.ALL_DTYPES, what, lambda: None)
+    try:
+        yield
+    finally:
+        dispatch.BACKENDS.pop(BACKEND, None)

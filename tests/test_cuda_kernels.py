@@ -57,10 +57,12 @@ TARGETS = [pytest.param(Target("cuda", "cuda"), marks=GPU, id="cuda"), pytest.pa
 
 
 @pytest.fixture(params=TARGETS)
-def tgt(request) -> Target:
-    if request.param.emu:
-        cuda_emu.load()  # built once per source hash; a failed build fails the test
-    return request.param
+def tgt(request):
+    if not request.param.emu:
+        yield request.param
+        return
+    with cuda_emu.registered():  # built once per source hash; a failed build fails the test
+        yield request.param
 
 
 def gpu_only(tgt: Target, why: str) -> None:
