@@ -111,6 +111,17 @@ def test_float64_matches_reference(tgt):
         check_vs_reference(tgt, *inputs, cfg, what=f"fp64 {shape}: ")
 
 
+@pytest.mark.parametrize("K", range(5))
+def test_annotator_counts(tgt, K):
+    """K = 0..4 annotators (K = 1 has one annotator next to the policy: a two-sample std), flip and
+    margin on, every dtype in turn."""
+    cfg = AdaptiveDPOConfig(beta=500.0, rho=50.0, margin_type="linear", std_standardize=True,
+                            flip_ratio=0.25, flip_threshold=0.0)
+    dtype = DTYPES[K % len(DTYPES)]
+    inputs = make_inputs(4, (3, 9), dtype, K=K, shared_target=K % 2 == 1, seed=40 + K)
+    check_vs_reference(tgt, *inputs, cfg, what=f"K={K}/{dtype}: ")
+
+
 SHAPES = {
     "B1": (1, (4, 8)),
     "odd-N (scalar path)": (3, (3, 5, 7)),
