@@ -11,7 +11,8 @@
 # The first report ends the process (halt_on_error), so a finding fails the leg.  The harness's
 # own proof that it catches a race and a heap overflow is tests/test_cuda_emu.py (in make test).
 # About 4.5 minutes for both legs on the 2-core AMD EPYC dev machine (2026-12-07: ASan 62 s, TSan
-# 188 s, builds cached; a cold build adds about a minute).  torch runs on one thread (sanitizer_env).
+# 188 s, builds cached; a cold build adds about a minute).  torch runs on one thread (sanitizer_env);
+# the TSan leg starts with address-space randomisation off (run_prefix: gcc 12 TSan and some layouts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${VENV:-.venv}/bin/python"
@@ -28,6 +29,7 @@ for san in address thread; do
 env = cuda_emu.sanitizer_env(sys.argv[1], {})
 print(' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items()))" "$san")
     start=$(date +%s)
-    eval env $env_line "$PY" -m pytest -q -p no:cacheprovider --capture=sys tests/test_cuda_kernels.py -k "\"$SUBSET\""
+    prefix=$("$PY" -c "import sys; from tests import cuda_emu; print(' '.join(cuda_emu.run_prefix(sys.argv[1])))" "$san")
+    eval $prefix env $env_line "$PY" -m pytest -q -p no:cacheprovider --capture=sys tests/test_cuda_kernels.py -k "\"$SUBSET\""
     echo "== $san leg: $(( $(date +%s) - start )) s"
 done

@@ -22,6 +22,8 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import platform
+import shutil
 import subprocess
 import sys
 from typing import Optional
@@ -75,6 +77,15 @@ def sanitizer_env(san: str, env: Optional[dict] = None) -> dict:
     # so that every report is about the harness's threads
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def run_prefix(san: str) -> list[str]:
+    """How to start a process that runs TSan code: with address-space randomisation off where
+    ``setarch`` can, since TSan before LLVM 18 (gcc 12's) refuses some high-entropy layouts
+    ("unexpected memory mapping"); nothing otherwise."""
+    if san != "thread" or not shutil.which("setarch"):
+        return []
+    return ["setarch", platform.machine(), "-R"]
 
 
 def _runtime_loaded(san: str) -> bool:

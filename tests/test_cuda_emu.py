@@ -57,7 +57,7 @@ def run(edit: str | None, san: str, *args: str, seed: int = 0) -> subprocess.Com
     env = cuda_emu.clean_env()
     env.update(ADPO_CUDA_EMU_SEED=str(seed), ADPO_CUDA_EMU_TIMEOUT_S="60",
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:exitcode=86", TSAN_OPTIONS="halt_on_error=1:exitcode=66")
-    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([*cuda_emu.run_prefix(san), exe, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def output(r: subprocess.CompletedProcess) -> str:
