@@ -39,6 +39,10 @@ PRETRAIN_STEPS = 600
 PRETRAIN_BATCH = 32
 PRETRAIN_LR = 1e-3
 PRETRAIN_IMAGES = 512
+# Of the pre-training images, the fraction drawn in the caption's colour (the rest in another palette
+# colour) and the fraction whose caption is dropped (the empty prompt, as SD trains for guidance).
+PRETRAIN_COLOR_MATCH = 1.0
+PRETRAIN_CAPTION_DROPOUT = 0.0
 # Pre-training of the toy VAE as an autoencoder (see pretrain_vae), capped by the UNet's step count
 # (so ADPO_TOY_PRETRAIN_STEPS shortens both): without it the random decoder turns every latent into
 # coloured noise, and no image-space reward can see what the UNet learned.
@@ -131,7 +135,8 @@ def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str
 
 
 def pretrain_unet(parts: dict, steps: int = PRETRAIN_STEPS, batch_size: int = PRETRAIN_BATCH,
-                  lr: float = PRETRAIN_LR, num_images: int = PRETRAIN_IMAGES, seed: int = 0, log=None) -> list[float]:
+                  lr: float = PRETRAIN_LR, num_images: int = PRETRAIN_IMAGES, seed: int = 0, log=None,
+                  color_match: float = None, caption_dropout: float = None) -> list[float]:
     """Pre-train the toy UNet as a text-conditioned denoiser (the ordinary diffusion loss) on
     ``num_images`` captioned toy images: each shows the named shape in the named colour, drawn
     from a seed of its own (not the preference set's).  Returns the loss per step.
@@ -144,13 +149,18 @@ def pretrain_unet(parts: dict, steps: int = PRETRAIN_STEPS, batch_size: int = PR
     from .conditioning import tokenize
 
     unet, vae, te, tok, sched = (parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+    color_match = PRETRAIN_COLOR_MATCH if color_match is None else color_match
+    caption_dropout = PRETRAIN_CAPTION_DROPOUT if caption_dropout is None else caption_dropout
     rng = np.random.default_rng(seed + 2000)
     names = list(COLORS)
     captions, imgs = [], []
     for _ in range(num_images):
         color, shape = names[rng.integers(len(names))], SHAPES[rng.integers(len(SHAPES))]
-        captions.append(f"a {color} {shape}")
-        imgs.append(draw(color, shape, rng, RESOLUTION))
+        drawn = color
+        if rng.random() >= color_match:  # another palette colour, as the preference set's losers
+            drawn = names[(names.index(color) + 1 + rng.integers(len(names) - 1)) % len(names)]
+        captions.append("" if rng.random() < caption_dropout else f"a {color} {shape}")
+        imgs.append(draw(drawn, shape, rng, RESOLUTION))
     with torch.no_grad():
         x = torch.tensor(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
