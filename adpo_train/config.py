@@ -19,7 +19,7 @@ from typing import Optional
 
 from adpo_kernels import AdaptiveDPOConfig
 
-# The built-in toy (no --pretrained_model_name_or_path): ~2 minutes on a 2-core CPU, toy build included.
+# The built-in toy (no --pretrained_model_name_or_path): 2-2.5 minutes on a 2-core CPU, toy build included.
 # Trained at 16 px (4x8x8 latents): a quarter of the 32 px cost, so the toy's pre-training fits in the
 # budget (adpo_train/toy.py).  600 steps (about 50 s): in the demo's evaluation (toy reward, guidance 3,
 # `make demo`), 150 steps gave a win rate over the base of 0.61-0.62 whose 95% CI reached below 0.5

@@ -15,7 +15,7 @@ colours absent), K images per prompt, paired seeds, with the sampler settings of
 (K = 8, 10 steps, guidance 3).  One row per (method, flip rate, seed): base and tuned mean reward
 with their bootstrap CIs over prompts, and the paired win rate with its CI.  The Adaptive-DPO run at
 flip 0.2, seed 0 is the demo's own run; ``--methods adaptive --flip-rates 0.2 --min-win-ci-lo 0.5``
-is the demo's check (exit 1 unless its win-rate CI lies above 0.5; about 2.5 minutes on 2 CPU cores).
+is the demo's check (exit 1 unless its win-rate CI lies above 0.5; a few minutes on 2 CPU cores).
 
 Runs, caches and evaluations live under ``--workdir`` (default ``outputs/experiment``); a rerun
 reuses finished training runs (their LoRA file) and evaluation images, so after a change to the toy
@@ -29,8 +29,8 @@ import os
 import time
 
 COLUMNS = ["bench", "method", "flip_rate", "seed", "train_steps", "num_prompts", "num_images_per_prompt",
-           "eval_steps", "guidance_scale", "reward", "base_mean", "base_ci_lo", "base_ci_hi", "tuned_mean", "tuned_ci_lo", "tuned_ci_hi",
-           "win_rate", "win_ci_lo", "win_ci_hi", "train_s", "eval_s"]
+           "eval_steps", "guidance_scale", "reward", "base_mean", "base_ci_lo", "base_ci_hi", "tuned_mean",
+           "tuned_ci_lo", "tuned_ci_hi", "win_rate", "win_ci_lo", "win_ci_hi", "train_s", "eval_s"]
 METHODS = {"dpo": ["--preset", "dpo"], "adaptive": []}
 
 
