@@ -7,10 +7,16 @@ CLIP BPE tokenizer written from a synthetic ``vocab.json`` + ``merges.txt``, and
 through the same code path as a real model.
 
 Like the model DPO is meant for, the toy is "pretrained" before the preference run: the
-random VAE gets a near-deterministic posterior and a unit-variance ``scaling_factor``
-(:func:`calibrate_vae`), and the UNet is trained for ``PRETRAIN_STEPS`` steps as a
-text-conditioned denoiser of captioned toy images (:func:`pretrain_unet`, about a minute
-on one CPU thread).  Without both, the implicit accuracy of the default run stays at 0.5.
+VAE is trained as an autoencoder of toy images (:func:`pretrain_vae`) and gets a
+near-deterministic posterior and a unit-variance ``scaling_factor`` (:func:`calibrate_vae`),
+and the UNet is trained for ``PRETRAIN_STEPS`` steps as a text-conditioned denoiser of
+captioned toy images (:func:`pretrain_unet`; both together about a minute on one CPU thread).
+Without the UNet's pre-training the implicit accuracy of the default run stays at 0.5;
+without the VAE's, every generated image is coloured noise.  Like a real base model, the toy
+follows its prompt only in part: a quarter of its pre-training images show the shape in
+another colour than the caption's, so it draws shapes but often in a wrong colour, which is
+what the preference set (and ``--reward toy``) prefers against.  A toy model folder records
+its recipe (:data:`RECIPE_FILE`); a folder built with another recipe is rebuilt.
 
 The preference set follows the Pick-a-Pic v2 schema (``jpg_0``, ``jpg_1``, ``label_0``,
 ``caption``, ``user_id``).  Each caption names a colour and a shape ("a red circle"); the
@@ -39,6 +45,20 @@ PRETRAIN_STEPS = 600
 PRETRAIN_BATCH = 32
 PRETRAIN_LR = 1e-3
 PRETRAIN_IMAGES = 512
+# Of the pre-training images, the fraction drawn in the caption's colour (the rest in another palette
+# colour, as the preference set's losers) and the fraction whose caption is dropped (the empty prompt,
+# as SD is trained: classifier-free guidance then has an unconditional prediction to start from).
+PRETRAIN_COLOR_MATCH = 0.75
+PRETRAIN_CAPTION_DROPOUT = 0.1
+# Pre-training of the toy VAE as an autoencoder (see pretrain_vae), capped by the UNet's step count
+# (so ADPO_TOY_PRETRAIN_STEPS shortens both): without it the random decoder turns every latent into
+# coloured noise, and no image-space reward can see what the UNet learned.
+VAE_PRETRAIN_STEPS = 200
+VAE_PRETRAIN_LR = 2e-3
+# A toy model folder's recipe (see toy_recipe); bump RECIPE_VERSION whenever the code that builds the
+# toy changes what it builds, so that a folder built by an older version is rebuilt, not reused.
+RECIPE_FILE = "adpo_toy_recipe.json"
+RECIPE_VERSION = 2
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -54,8 +74,9 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def write_tokenizer(path: str, words=None, max_tokens: int = MAX_TOKENS) -> None:
-    """A CLIP tokenizer folder: byte-level characters plus whole-word merges for ``words``."""
+def _vocab_and_merges(words=None) -> tuple[dict, list]:
+    """The toy tokenizer's ``vocab.json`` and ``merges.txt`` lines: byte-level characters plus
+    whole-word merges for ``words``."""
     words = list(words or (list(COLORS) + list(SHAPES) + ["a", "an", "of", "photo"]))
     chars = _bytes_to_unicode()
     vocab: dict[str, int] = {}
@@ -74,6 +95,12 @@ def write_tokenizer(path: str, words=None, max_tokens: int = MAX_TOKENS) -> None
     merges = list(dict.fromkeys(merges))
     for t in ("<|startoftext|>", "<|endoftext|>"):
         vocab[t] = len(vocab)
+    return vocab, merges
+
+
+def write_tokenizer(path: str, words=None, max_tokens: int = MAX_TOKENS) -> None:
+    """A CLIP tokenizer folder: byte-level characters plus whole-word merges for ``words``."""
+    vocab, merges = _vocab_and_merges(words)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "vocab.json"), "w") as f:
         json.dump(vocab, f)
@@ -109,6 +136,8 @@ def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str
     vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=32, sample_size=RESOLUTION)
+    if pretrain_steps > 0:
+        pretrain_vae(vae, min(pretrain_steps, VAE_PRETRAIN_STEPS), seed=seed, log=log)
     calibrate_vae(vae, seed)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -124,26 +153,37 @@ def build_toy_components(tokenizer_dir: str, seed: int = 0, prediction_type: str
 
 
 def pretrain_unet(parts: dict, steps: int = PRETRAIN_STEPS, batch_size: int = PRETRAIN_BATCH,
-                  lr: float = PRETRAIN_LR, num_images: int = PRETRAIN_IMAGES, seed: int = 0, log=None) -> list[float]:
+                  lr: float = PRETRAIN_LR, num_images: int = PRETRAIN_IMAGES, seed: int = 0, log=None,
+                  color_match: float = None, caption_dropout: float = None) -> list[float]:
     """Pre-train the toy UNet as a text-conditioned denoiser (the ordinary diffusion loss) on
-    ``num_images`` captioned toy images: each shows the named shape in the named colour, drawn
-    from a seed of its own (not the preference set's).  Returns the loss per step.
+    ``num_images`` captioned toy images, drawn from a seed of their own (not the preference set's):
+    each shows the named shape, in the named colour with probability ``color_match`` (default
+    :data:`PRETRAIN_COLOR_MATCH`) and else in another palette colour; a fraction ``caption_dropout``
+    (:data:`PRETRAIN_CAPTION_DROPOUT`) of the captions is the empty prompt.  Returns the loss per step.
 
     DPO fine-tunes a model that already denoises and follows its prompt; from a random UNet
-    the LoRA has no useful features to steer, and the implicit accuracy stays at 0.5.
+    the LoRA has no useful features to steer, and the implicit accuracy stays at 0.5.  A base
+    that always drew the caption's colour would leave the preference set nothing to teach: with
+    ``color_match=1`` 97% of the demo's evaluation images had the caption's colour as their main
+    palette colour, with 0.75 about 44% (guidance 7.5, 10 steps; docs/trainer.md).
     """
     import torch
 
     from .conditioning import tokenize
 
     unet, vae, te, tok, sched = (parts[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+    color_match = PRETRAIN_COLOR_MATCH if color_match is None else color_match
+    caption_dropout = PRETRAIN_CAPTION_DROPOUT if caption_dropout is None else caption_dropout
     rng = np.random.default_rng(seed + 2000)
     names = list(COLORS)
     captions, imgs = [], []
     for _ in range(num_images):
         color, shape = names[rng.integers(len(names))], SHAPES[rng.integers(len(SHAPES))]
-        captions.append(f"a {color} {shape}")
-        imgs.append(draw(color, shape, rng, RESOLUTION))
+        drawn = color
+        if rng.random() >= color_match:  # another palette colour, as the preference set's losers
+            drawn = names[(names.index(color) + 1 + rng.integers(len(names) - 1)) % len(names)]
+        captions.append("" if rng.random() < caption_dropout else f"a {color} {shape}")
+        imgs.append(draw(drawn, shape, rng, RESOLUTION))
     with torch.no_grad():
         x = torch.tensor(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
@@ -170,6 +210,43 @@ def pretrain_unet(parts: dict, steps: int = PRETRAIN_STEPS, batch_size: int = PR
         if log and (step + 1) % max(steps // 10, 1) == 0:
             log(f"toy model: pre-training step {step + 1}/{steps}, loss {losses[-1]:.4f}")
     unet.requires_grad_(False).eval()
+    return losses
+
+
+def pretrain_vae(vae, steps: int = VAE_PRETRAIN_STEPS, batch_size: int = PRETRAIN_BATCH, lr: float = VAE_PRETRAIN_LR,
+                 num_images: int = PRETRAIN_IMAGES, seed: int = 0, log=None) -> list[float]:
+    """Train the toy VAE as an autoencoder: ``decode(encode(x).mean) ~ x`` (mean squared error) on
+    ``num_images`` toy images at the training resolution, drawn from a seed of their own.  Returns the
+    loss per step.
+
+    A real base model's VAE decodes its latents into images; a random one does not (its decoder maps
+    the latent of a red circle to coloured noise), so no reward on the pipeline's images could tell a
+    better UNet from a worse one.  The grey background's pixel noise (std 20 of 255) is not
+    reconstructed: its mean squared error in [-1, 1] units, ~0.025, is the floor of the loss.
+    """
+    import torch
+
+    rng = np.random.default_rng(seed + 4000)
+    names = list(COLORS)
+    imgs = [draw(names[rng.integers(len(names))], SHAPES[rng.integers(len(SHAPES))], rng, RESOLUTION)
+            for _ in range(num_images)]
+    x_all = torch.tensor(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    gen = torch.Generator().manual_seed(seed + 5000)
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    if log:
+        log(f"toy model: pre-training the VAE as an autoencoder ({steps} steps)")
+    for step in range(steps):
+        x = x_all[torch.randint(0, num_images, (batch_size,), generator=gen)]
+        loss = torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if log and (step + 1) % max(steps // 4, 1) == 0:
+            log(f"toy model: VAE pre-training step {step + 1}/{steps}, loss {losses[-1]:.4f}")
+    vae.requires_grad_(False).eval()
     return losses
 
 
@@ -230,18 +307,62 @@ def build_toy_pipeline(tokenizer_dir: str, seed: int = 0, prediction_type: str =
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
+def toy_recipe(seed: int = 0, prediction_type: str = "epsilon", kind: str = "sd15", pretrain_steps: int = 0,
+               max_tokens: int = MAX_TOKENS) -> dict:
+    """What a toy model folder is built from: the arguments of :func:`write_toy_model`, the
+    pre-training constants and :data:`RECIPE_VERSION` (the code's own version of the recipe)."""
+    pre = dict(unet_steps=pretrain_steps, vae_steps=min(pretrain_steps, VAE_PRETRAIN_STEPS), batch=PRETRAIN_BATCH,
+               unet_lr=PRETRAIN_LR, vae_lr=VAE_PRETRAIN_LR, images=PRETRAIN_IMAGES, color_match=PRETRAIN_COLOR_MATCH,
+               caption_dropout=PRETRAIN_CAPTION_DROPOUT) if kind != "sdxl" and pretrain_steps > 0 else {}
+    return dict(version=RECIPE_VERSION, seed=seed, prediction_type=prediction_type, kind=kind, max_tokens=max_tokens,
+                resolution=RESOLUTION, pretrain=pre)
+
+
+def _read_recipe(path: str):
+    try:
+        with open(os.path.join(path, RECIPE_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _is_toy_folder(path: str) -> bool:
+    """A folder this package wrote as a toy model: it has a recipe, or (built before recipes were
+    recorded) the toy's synthetic tokenizer vocabulary, which no other model folder has."""
+    if _read_recipe(path) is not None:
+        return True
+    try:
+        with open(os.path.join(path, "tokenizer", "vocab.json")) as f:
+            have = set(json.load(f))
+    except (OSError, ValueError, TypeError):
+        return False
+    return have == set(_vocab_and_merges()[0])
+
+
 def write_toy_model(path: str, seed: int = 0, prediction_type: str = "epsilon", kind: str = "sd15",
                     pretrain_steps: int | None = None, log=None, max_tokens: int = MAX_TOKENS) -> str:
-    """Save the toy model as a diffusers-format folder (``model_index.json``, one subfolder per part);
-    the SD1.5-style UNet is pre-trained for ``pretrain_steps`` (:func:`pretrain_unet`).
-    ``kind="sdxl"``: the SDXL-style toy (a ``StableDiffusionXLPipeline`` folder, random UNet)."""
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        return path
+    """Save the toy model as a diffusers-format folder (``model_index.json``, one subfolder per part,
+    and its recipe in :data:`RECIPE_FILE`); the SD1.5-style VAE and UNet are pre-trained
+    (:func:`pretrain_vae`, :func:`pretrain_unet`; ``pretrain_steps`` default: ``ADPO_TOY_PRETRAIN_STEPS``
+    or :data:`PRETRAIN_STEPS`).  ``kind="sdxl"``: the SDXL-style toy (a ``StableDiffusionXLPipeline``
+    folder, random UNet).  A folder with the same recipe is reused; a toy folder with another recipe
+    (another version of this code, other pre-training steps) is rebuilt; any other folder is refused."""
     from . import safedir
 
-    safedir.check_replaceable(path, "make-toy")  # never replace a folder the package did not write
     if pretrain_steps is None:
         pretrain_steps = int(os.environ.get("ADPO_TOY_PRETRAIN_STEPS", PRETRAIN_STEPS))
+    recipe = toy_recipe(seed, prediction_type, kind, pretrain_steps, max_tokens)
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        if _read_recipe(path) == recipe:
+            return path
+        if not (_is_toy_folder(path) or safedir.owned(path)):
+            from .errors import UserError
+
+            raise UserError(f"make-toy: {path!r} holds a model that is not the toy; refusing to replace it")
+        if log:
+            log(f"toy model: {path} was built with another recipe; rebuilding it")
+    else:
+        safedir.check_replaceable(path, "make-toy")  # never replace a folder the package did not write
     tmp = path.rstrip("/") + ".tmp"
     if kind == "sdxl":
         from diffusers import StableDiffusionXLPipeline
@@ -252,6 +373,8 @@ def write_toy_model(path: str, seed: int = 0, prediction_type: str = "epsilon", 
         pipe = build_toy_pipeline(os.path.join(tmp, "tokenizer"), seed, prediction_type, pretrain_steps, log,
                                   max_tokens)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    with open(os.path.join(tmp, RECIPE_FILE), "w") as f:
+        json.dump(recipe, f, indent=1)
     os.replace(tmp, path) if not os.path.exists(path) else _replace_dir(tmp, path)
     return path
 

@@ -85,12 +85,25 @@ def _prepare_toy(config: TrainConfig, log) -> TrainConfig:
         toy.write_toy_dataset(data, config.toy_pairs)
     cache = os.path.join(root, f"cache-{pt}-{config.toy_pairs}-flip{config.inject_label_noise}"
                                f"-seed{config.flip_seed}")
-    if not os.path.isfile(os.path.join(cache, "index.json")):
+    if not _toy_cache_fits(cache, model):
         build_cache(model, data, cache, resolution=toy.RESOLUTION, batch_size=64,
                     flip_ratio=config.inject_label_noise, flip_seed=config.flip_seed,
                     max_pairs=config.max_train_samples, seed=config.seed, device="cpu", log=log, distributed=False)
     return config.replace(pretrained_model_name_or_path=model, dataset_name=data, latent_cache=cache,
                         resolution=toy.RESOLUTION)
+
+
+def _toy_cache_fits(cache: str, model: str) -> bool:
+    """The toy's latent cache exists and was encoded by this toy model's VAE and text encoder (a toy
+    model rebuilt with another recipe makes its old cache stale: it is rebuilt, not refused)."""
+    from .data import CACHE_INDEX
+    from .models import encoder_fingerprint
+
+    try:
+        with open(os.path.join(cache, CACHE_INDEX)) as f:
+            return json.load(f).get("model_fingerprint") == encoder_fingerprint(model)
+    except (OSError, ValueError):
+        return False
 
 
 def _trackers(config, accelerator, log):

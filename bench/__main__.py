@@ -108,7 +108,12 @@ def run_benchmark(name: str, args: argparse.Namespace, log=print) -> list[dict]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in BENCHMARKS:
-        run_benchmark(args.command, args)
+        rows = run_benchmark(args.command, args)
+        # a benchmark may also be a check (bench/experiment.py --min-win-ci-lo): rows first, then the verdict
+        failure = getattr(_load(args.command), "check", lambda a, r: None)(args, rows)
+        if failure:
+            print(f"adpo-bench {args.command}: {failure}", file=sys.stderr)
+            return 1
         return 0
     from . import report, results
 

@@ -11,11 +11,15 @@ of labels flipped (the same flips for both methods) trains two LoRA runs with th
 
 Each run is evaluated on the toy's 18 distinct captions (``--prompts`` = the toy parquet) with the
 toy reward (:func:`adpo_train.rewards.toy_reward`: the caption's colour present, the other palette
-colours absent), K images per prompt, paired seeds.  One row per (method, flip rate, seed): base
-and tuned mean reward with their bootstrap CIs over prompts, and the paired win rate with its CI.
+colours absent), K images per prompt, paired seeds, with the sampler settings of ``make demo``
+(K = 8, 10 steps, guidance 3).  One row per (method, flip rate, seed): base and tuned mean reward
+with their bootstrap CIs over prompts, and the paired win rate with its CI.  The Adaptive-DPO run at
+flip 0.2, seed 0 is the demo's own run; ``--methods adaptive --flip-rates 0.2 --min-win-ci-lo 0.5``
+is the demo's check (exit 1 unless its win-rate CI lies above 0.5; a few minutes on 2 CPU cores).
 
 Runs, caches and evaluations live under ``--workdir`` (default ``outputs/experiment``); a rerun
-reuses finished training runs (their LoRA file) and evaluation images.
+reuses finished training runs (their LoRA file) and evaluation images, so after a change to the toy
+(adpo_train/toy.py's recipe) use a fresh ``--workdir``.
 """
 from __future__ import annotations
 
@@ -25,8 +29,8 @@ import os
 import time
 
 COLUMNS = ["bench", "method", "flip_rate", "seed", "train_steps", "num_prompts", "num_images_per_prompt",
-           "reward", "base_mean", "base_ci_lo", "base_ci_hi", "tuned_mean", "tuned_ci_lo", "tuned_ci_hi",
-           "win_rate", "win_ci_lo", "win_ci_hi", "train_s", "eval_s"]
+           "eval_steps", "guidance_scale", "reward", "base_mean", "base_ci_lo", "base_ci_hi", "tuned_mean",
+           "tuned_ci_lo", "tuned_ci_hi", "win_rate", "win_ci_lo", "win_ci_hi", "train_s", "eval_s"]
 METHODS = {"dpo": ["--preset", "dpo"], "adaptive": []}
 
 
@@ -36,8 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0],
                    help="training seeds (the flipped pairs are chosen by --flip_seed = the seed)")
     p.add_argument("--max-train-steps", type=int, help="default: the toy's (adpo_train.config.TOY)")
-    p.add_argument("--num-images-per-prompt", type=int, default=4)
-    p.add_argument("--eval-steps", type=int, default=25, help="inference steps of the evaluation")
+    # the evaluation settings of `make demo` (Makefile, TOY_EVAL)
+    p.add_argument("--num-images-per-prompt", type=int, default=8)
+    p.add_argument("--eval-steps", type=int, default=10, help="inference steps of the evaluation")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="guidance of the evaluation")
+    p.add_argument("--min-win-ci-lo", type=float, help="exit 1 unless every run's win-rate 95%% CI lies "
+                   "above this (0.5: the tuned model is better than the base; the demo's check)")
     p.add_argument("--workdir", default=os.path.join("outputs", "experiment"))
 
 
@@ -81,11 +89,13 @@ def run(args, env, log) -> list[dict]:
                 res = evaluate.evaluate(evaluate.build_parser().parse_args([
                     "--pretrained_model_name_or_path", paths["model"], "--lora", run_dir, "--prompts", paths["data"],
                     "--reward", "toy", "--num_images_per_prompt", str(args.num_images_per_prompt),
-                    "--num_inference_steps", str(args.eval_steps), "--seed", "0", "--device", "cpu",
+                    "--num_inference_steps", str(args.eval_steps), "--guidance_scale", str(args.guidance_scale),
+                    "--seed", "0", "--device", "cpu",
                     "--output_dir", out, "--quiet"]), log=lambda *a, **k: None)
                 r = res["rewards"]["toy"]
                 row = dict(bench="experiment", method=method, flip_rate=flip, seed=seed, train_steps=paths["steps"],
                            num_prompts=res["num_prompts"], num_images_per_prompt=res["num_images_per_prompt"],
+                           eval_steps=args.eval_steps, guidance_scale=args.guidance_scale,
                            reward="toy", base_mean=r["base"]["mean"], base_ci_lo=r["base"]["ci95"][0],
                            base_ci_hi=r["base"]["ci95"][1], tuned_mean=r["tuned"]["mean"],
                            tuned_ci_lo=r["tuned"]["ci95"][0], tuned_ci_hi=r["tuned"]["ci95"][1],
@@ -98,3 +108,14 @@ def run(args, env, log) -> list[dict]:
     with open(os.path.join(args.workdir, "experiment.json"), "w") as f:
         json.dump(rows, f, indent=1)
     return rows
+
+
+def check(args, rows) -> str | None:
+    """``--min-win-ci-lo X``: the runs whose win-rate 95% CI does not lie above X, or None."""
+    if args.min_win_ci_lo is None:
+        return None
+    bad = [f"{r['method']} at flip {r['flip_rate']:g} (seed {r['seed']}): {r['win_rate']:.3f} "
+           f"[{r['win_ci_lo']:.3f}, {r['win_ci_hi']:.3f}]" for r in rows if not r["win_ci_lo"] > args.min_win_ci_lo]
+    if bad:
+        return f"win-rate 95% CI not above {args.min_win_ci_lo:g}: " + "; ".join(bad)
+    return None

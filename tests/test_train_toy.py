@@ -129,3 +129,43 @@ def test_local_model_and_dataset_flow_through_the_cli(tmp_path):
                  "--output_dir", str(tmp_path / "out"), "--train_batch_size", "4", "--max_train_steps", "2"]
                 + FAST) == 0
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_toy_model_rebuilt_when_its_recipe_changes(tmp_path, monkeypatch):
+    """A toy model folder records its recipe: the same recipe is reused, another one (other pre-training
+    steps, or a folder from before recipes were recorded) is rebuilt, and the toy's latent cache with
+    it; a model folder that is not the toy is refused."""
+    from adpo_train import toy
+    from adpo_train.config import TrainConfig
+    from adpo_train.errors import UserError
+    from adpo_train.models import encoder_fingerprint
+    from adpo_train.trainer import _prepare_toy
+
+    def recipe(path):
+        return json.load(open(os.path.join(path, toy.RECIPE_FILE)))
+
+    monkeypatch.setenv("ADPO_TOY_PRETRAIN_STEPS", "0")
+    config = TrainConfig.toy_demo(output_dir=str(tmp_path / "run"), toy_pairs=12)
+    prepared = _prepare_toy(config, lambda *a, **k: None)
+    model, cache = prepared.pretrained_model_name_or_path, prepared.latent_cache
+    weights = os.path.join(model, "vae", "diffusion_pytorch_model.safetensors")
+    stamp = os.stat(weights).st_mtime_ns
+    assert recipe(model) == toy.toy_recipe(pretrain_steps=0)
+    assert _prepare_toy(config, lambda *a, **k: None) == prepared and os.stat(weights).st_mtime_ns == stamp  # reused
+
+    monkeypatch.setenv("ADPO_TOY_PRETRAIN_STEPS", "1")  # another recipe: the VAE changes, so must the cache
+    _prepare_toy(config, lambda *a, **k: None)
+    assert recipe(model)["pretrain"]["unet_steps"] == 1 and os.stat(weights).st_mtime_ns != stamp
+    assert json.load(open(os.path.join(cache, "index.json")))["model_fingerprint"] == encoder_fingerprint(model)
+
+    os.remove(os.path.join(model, toy.RECIPE_FILE))  # a toy folder written before recipes were recorded
+    stamp = os.stat(weights).st_mtime_ns
+    toy.write_toy_model(model)
+    assert recipe(model)["pretrain"]["unet_steps"] == 1 and os.stat(weights).st_mtime_ns != stamp
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "model_index.json").write_text("{}")
+    with pytest.raises(UserError, match="not the toy"):
+        toy.write_toy_model(str(foreign))
+    assert os.listdir(foreign) == ["model_index.json"]
