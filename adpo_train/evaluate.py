@@ -389,7 +389,9 @@ def _generate_both(a, model, tuned, prompts, out, s, device, dtype, log) -> int:
             if which == "tuned" and a.unet:
                 from diffusers import UNet2DConditionModel
 
-                unet = UNet2DConditionModel.from_pretrained(tuned, local_files_only=True, torch_dtype=dtype)
+                from .models import dtype_kwargs
+
+                unet = UNet2DConditionModel.from_pretrained(tuned, local_files_only=True, **dtype_kwargs(dtype))
             pipe = load_pipeline(model, device, dtype, a.variant, a.pretrained_vae_model_name_or_path, unet=unet)
         if which == "tuned" and a.lora:
             pipe.load_lora_weights(os.path.dirname(tuned) or ".", weight_name=os.path.basename(tuned))

@@ -25,6 +25,14 @@ def check_local_model(path: str) -> str:
     return path
 
 
+def dtype_kwargs(dtype) -> dict:
+    """``from_pretrained``'s dtype argument: ``dtype`` where diffusers has renamed it (and warns about
+    ``torch_dtype``, 0.42 does), ``torch_dtype`` for the diffusers that predate the rename."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
 def load_unet(path: str, variant: Optional[str] = None):
     from diffusers import UNet2DConditionModel
 

@@ -93,7 +93,9 @@ def load_pipeline(model: str, device, dtype, variant=None, vae_path=None, unet=N
     (the one being trained), ``vae_path``: an ``AutoencoderKL`` folder of its own."""
     from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
-    kw = dict(local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+    from .models import dtype_kwargs
+
+    kw = dict(local_files_only=True, use_safetensors=True, **dtype_kwargs(dtype))
     if unet is not None:
         kw["unet"] = unet
     if variant:
