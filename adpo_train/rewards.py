@@ -16,7 +16,8 @@ higher is better.  ``--reward NAME=PATH`` picks one (``--reward toy`` needs no p
   ``sac+logos+ava1-l14-linearMSE.pth``) and a ``clip/`` subfolder (transformers
   ``CLIPModel`` + processor of openai/clip-vit-large-patch14), or the MLP file itself with
   ``--reward_processor aesthetic=CLIP_L_DIR``.
-* ``imagereward``: through the ``image-reward`` package (if installed), ``ImageReward.load(PATH)``.
+* ``imagereward``: through the ``image-reward`` package (if installed): PATH is a folder holding
+  ``ImageReward.pt`` and ``med_config.json`` (THUDM/ImageReward), loaded with the hub client offline.
 * ``toy``: :func:`toy_reward`, what the built-in toy's preference set prefers.
 
 A scorer whose package is missing raises a one-line :class:`UserError` naming what to install.
@@ -213,12 +214,37 @@ def _hpsv2_scorer(path, device, batch_size, arch: str = "ViT-H-14"):
     return score
 
 
+IMAGEREWARD_FILES = ("ImageReward.pt", "med_config.json")
+
+
 def _imagereward_scorer(path, device):
+    """``ImageReward.load(ImageReward.pt, download_root=its folder)``: the package's ``load`` fetches
+    ``med_config.json`` into ``download_root`` through the hub client, so the file must lie next to
+    the checkpoint, and the hub client is held offline while it loads (BLIP's BERT tokenizer then
+    comes from the local hub cache, or the load fails: nothing is downloaded)."""
     rm = _need("imagereward")
-    model = rm.load(path, device=device)
+    ckpt = path if os.path.isfile(path) else os.path.join(path, IMAGEREWARD_FILES[0])
+    root = os.path.dirname(os.path.abspath(ckpt))
+    missing = [f for f in IMAGEREWARD_FILES if not os.path.isfile(os.path.join(root, f))]
+    if missing:
+        raise MissingInput(f"--reward imagereward: {root!r} lacks {' and '.join(missing)} (the files of "
+                           f"THUDM/ImageReward: ImageReward.pt and med_config.json, in one folder)")
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    try:
+        model = rm.load(os.path.join(root, IMAGEREWARD_FILES[0]), device=device, download_root=root)
+    except Exception as e:  # the package's own errors are many: one line naming what was loaded
+        raise UserError(f"--reward imagereward: loading {root!r} failed offline ({type(e).__name__}: {e})") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
     def score(images, prompts):
-        return np.asarray([float(model.score(p, [im])) for im, p in zip(images, prompts)], dtype=np.float64)
+        # score(prompt, PIL image): one float (a list goes through inference_rank, which squeezes)
+        return np.asarray([float(model.score(p, im)) for im, p in zip(images, prompts)], dtype=np.float64)
 
     return score
 

@@ -1,17 +1,26 @@
-"""The HPSv2 scorer (``--reward hpsv2=FILE``) through open_clip, when open_clip is installed.
+"""The optional scorers: HPSv2 through open_clip, and ImageReward's calls.
 
+HPSv2 (``--reward hpsv2=FILE``) runs where open_clip is installed.
 open_clip is optional (it needs torchvision, which the development environment leaves out: it changes
 which image processors transformers picks).  Where it is installed this checks the scorer against a
 direct open_clip computation, HPSv2's score (the cosine of the normalised image and text
 embeddings), on a tiny random open_clip model of a config registered here: HPSv2's own ViT-H-14 is
-1 B parameters.  The missing-package error is tested in tests/test_evaluate.py.
+1 B parameters.  The missing-package errors are tested in tests/test_evaluate.py.
+
+The image-reward package cannot run here: its BLIP model needs the ``bert-base-uncased`` tokenizer
+from the hub.  A stand-in package records what the scorer asks of ImageReward's API
+(``load(name, device, download_root)``, ``model.score(prompt, PIL image) -> float``, as in
+THUDM/ImageReward): the checkpoint's own folder as the download root, the hub client offline
+while it loads, one PIL image per call.
 """
 import json
 
+import os
+import sys
+import types
+
 import numpy as np
 import pytest
-
-open_clip = pytest.importorskip("open_clip", reason="open_clip (the optional hpsv2 reward's package) is not installed")
 
 ARCH = "adpo-tiny-hps"
 CONFIG = {"embed_dim": 16,
@@ -20,6 +29,7 @@ CONFIG = {"embed_dim": 16,
 
 
 def test_hpsv2_scores_match_open_clip(tmp_path):
+    open_clip = pytest.importorskip("open_clip", reason="open_clip (the optional hpsv2 reward's package) is not installed")
     import torch
     from PIL import Image
 
@@ -49,3 +59,40 @@ def test_hpsv2_scores_match_open_clip(tmp_path):
     assert got.shape == (5,) and got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert len(set(np.round(got, 6))) == 5  # a real function of image and text, not a constant
+
+
+def test_imagereward_is_loaded_offline_from_its_folder(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from adpo_train import rewards
+
+    calls = []
+
+    class Model:
+        def score(self, prompt, image):
+            assert isinstance(image, Image.Image), f"score() got {type(image).__name__}, not one PIL image"
+            calls.append(("score", prompt))
+            return float(np.asarray(image, dtype=np.float64).mean()) + len(prompt)
+
+    def load(name, device="cpu", download_root=None):
+        calls.append(("load", name, device, download_root, os.environ.get("HF_HUB_OFFLINE")))
+        return Model()
+
+    monkeypatch.setitem(sys.modules, "ImageReward", types.SimpleNamespace(load=load))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    folder = tmp_path / "ImageReward"
+    folder.mkdir()
+    (folder / "ImageReward.pt").write_bytes(b"weights")
+    with pytest.raises(rewards.MissingInput, match=r"lacks med_config.json"):
+        rewards.load_scorer("imagereward", str(folder))
+    (folder / "med_config.json").write_text("{}")
+    score = rewards.load_scorer("imagereward", str(folder))
+    assert calls == [("load", str(folder / "ImageReward.pt"), "cpu", str(folder), "1")]
+    assert "HF_HUB_OFFLINE" not in os.environ  # restored after the load
+    images = [Image.new("RGB", (8, 8), (v, v, v)) for v in (10, 200)]
+    got = score(images, ["a", "abc"])
+    np.testing.assert_array_equal(got, [10.0 + 1, 200.0 + 3])
+    assert calls[1:] == [("score", "a"), ("score", "abc")]
+    # the checkpoint file itself names the same folder
+    assert rewards.load_scorer("imagereward", str(folder / "ImageReward.pt")) is not None
+    assert calls[-1][3] == str(folder)
