@@ -19,6 +19,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${VENV:-.venv}/bin/python"
+# the backends these tests need; not triton, whose extension aborts under ASan (.ci/run requires it)
+export ADPO_REQUIRE_BACKENDS=cpu,cuda-built
 SUBSET='cuda_emu and (
     (test_grid_matches_reference and (paper or emu-flip-torch or all-opts or ipo-linear))
     or (test_awkward_shapes and (B1 or odd-N or N1 or chunks))

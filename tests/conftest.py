@@ -54,12 +54,15 @@ def backend_problem(name: str):
 
     if name == "cpu":
         # Prebuilt, not JIT-built: a first-use build must not stand in for a _C that CI failed to build.
-        from adpo_kernels.dispatch import available_backends
+        # (This backend's status alone: asking every backend would import triton, which the sanitizer
+        # legs must not: its extension aborts under ASan.)
+        from adpo_kernels import _jit
 
-        cpu = available_backends(detail=True)["cpu"]
-        if cpu["usable"] and cpu["origin"] != "prebuilt":
-            return f"the cpu backend is {cpu['origin']}, not the prebuilt adpo_kernels._C ({cpu['how']})"
-        return "; ".join(BACKENDS["cpu"].unavailable()) or _import_problem("adpo_kernels._C")
+        why = BACKENDS["cpu"].unavailable()
+        origin = _jit.STATUS.get("cpu", {}).get("origin")
+        if not why and origin != "prebuilt":
+            return f"the cpu backend is {origin}, not the prebuilt adpo_kernels._C ({_jit.describe('cpu')})"
+        return "; ".join(why) or _import_problem("adpo_kernels._C")
     if name == "cuda-built":
         return _import_problem("adpo_kernels._C_cuda")
     if name == "cuda":
