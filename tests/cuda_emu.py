@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import platform
@@ -111,13 +112,18 @@ def _sources() -> list[str]:
     return files
 
 
+@functools.lru_cache(maxsize=None)
+def _compiler_version() -> str:
+    out = subprocess.run([CXX, "--version"], capture_output=True, text=True, env=clean_env()).stdout
+    return out.splitlines()[0] if out else ""
+
+
 def _key(flags: list[str], extra: str = "") -> str:
     h = hashlib.sha256()
     for path in _sources():
         with open(path, "rb") as f:
             h.update(os.path.relpath(path, CSRC).encode() + b"\0" + f.read() + b"\0")
-    cxx = subprocess.run([CXX, "--version"], capture_output=True, text=True, env=clean_env()).stdout.splitlines()[:1]
-    for item in flags + cxx + [torch.__version__, sys.version, extra]:
+    for item in flags + [_compiler_version(), torch.__version__, sys.version, extra]:
         h.update(item.encode() + b"\0")
     return h.hexdigest()[:16]
 
@@ -147,12 +153,13 @@ def _compile(jobs: list[list[str]], log: str) -> None:
                 raise BuildError(f"the CUDA-on-CPU harness build failed (log {log}):\n{tail}")
 
 
-def _cached_build(kind: str, flags: list[str], make, extra: str = "") -> str:
-    """``make(tmp_path, build_dir)`` builds the artefact unless the cache holds it; returns its path."""
+def _cached_build(kind: str, flags: list[str], make, extra: str = "", suffix: str = "") -> str:
+    """``make(tmp_path, build_dir)`` builds the artefact ``kind + suffix`` unless the cache holds it;
+    returns its path."""
     key = _key(flags, extra)
     directory = os.path.join(cache_dir(), f"{kind}-{key}")
     os.makedirs(directory, exist_ok=True)
-    target = os.path.join(directory, kind + (".so" if kind.startswith("cuda_emu_ops") else ""))
+    target = os.path.join(directory, kind + suffix)
     with open(os.path.join(directory, "lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits for the build, then reuses it
         if not os.path.exists(target):
@@ -177,7 +184,7 @@ def build(san: str = "") -> str:
         _compile(jobs, log)
         _compile([[CXX, *flags, "-shared", *objs, "-o", tmp, *torch_lib, *SANITIZERS[san]]], log + ".link")
 
-    return _cached_build(f"cuda_emu_ops-{san or 'plain'}", flags + torch_lib, make)
+    return _cached_build(f"cuda_emu_ops-{san or 'plain'}", flags + torch_lib, make, suffix=".so")
 
 
 def build_selftest(kernels_cu: str, san: str = "", name: str = "selftest") -> str:
